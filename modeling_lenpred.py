@@ -1,0 +1,281 @@
+"""LenPred model: a BERT prompt encoder, an LLM-id embedding and the paper's MLP module with a bin head and a
+mean/std head. One encoder pass serves every LLM the model knows.
+
+This file is remote code: it is copied into every exported Hub folder and imports nothing from the
+project's `lenpred` package — only transformers, torch and its sibling `configuration_lenpred`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import BertModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.bert.modeling_bert import BertEmbeddings
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_lenpred import LenPredConfig
+except ImportError:  # loaded as a plain module from the repository root
+    from configuration_lenpred import LenPredConfig
+
+__all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput",
+           "LenPredPrediction", "check_prompts", "lognormal_quantile"]
+
+
+@dataclass
+class LenPredOutput(ModelOutput):
+    r"""
+    Output of [`LenPredModel`]. Prediction fields have shape `(batch,)` / `(batch, num_bins)` when `llm_ids` had
+    shape `(batch,)`, and `(batch, n_llms)` / `(batch, n_llms, num_bins)` when it had shape `(batch, n_llms)`.
+
+    loss (`torch.FloatTensor` of shape `()`, returned when labels are given):
+        Weighted sum of the bin cross-entropy and the smooth-L1 losses of log1p(mean) and log1p(std).
+    bin_logits: logits over the length bins of `config.bin_edges`.
+    mean: predicted mean answer length, in tokens.
+    std: predicted standard deviation of the answer length across samples, in tokens (positive).
+    log_mean, log_std: the same in the model's target space, `log1p(tokens)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    bin_logits: torch.FloatTensor | None = None
+    mean: torch.FloatTensor | None = None
+    std: torch.FloatTensor | None = None
+    log_mean: torch.FloatTensor | None = None
+    log_std: torch.FloatTensor | None = None
+
+
+@dataclass
+class LenPredPrediction:
+    """What `LenPredModel.predict` returns: arrays of shape `(n_prompts, n_llms[, num_bins])` on the CPU."""
+
+    llm_names: list[str]
+    mean: torch.Tensor
+    std: torch.Tensor
+    bound: torch.Tensor
+    bin_probs: torch.Tensor
+    bin_edges: list[int]
+    reservation_quantile: float
+
+
+def check_prompts(prompts) -> list[str]:
+    """Bad input gets a clear error: non-strings are a `TypeError`, empty or blank prompts a `ValueError`."""
+    items = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty or whitespace only; nothing to predict a length for")
+    if not items:
+        raise ValueError("no prompts given")
+    return list(items)
+
+
+def lognormal_quantile(mean: torch.Tensor, std: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile `q` of the log-normal with this mean and std: answer lengths are positive and right-skewed,
+    so a moment-matched log-normal gives a tighter, more honest upper bound than mean + kσ."""
+    mean = mean.clamp(min=1.0)
+    sigma2 = torch.log1p((std / mean) ** 2)
+    z = math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * q - 1, dtype=mean.dtype, device=mean.device))
+    return torch.exp(torch.log(mean) - sigma2 / 2 + z * sigma2.sqrt())
+
+
+class LenPredPreTrainedModel(PreTrainedModel):
+    config_class = LenPredConfig
+    config: LenPredConfig
+    base_model_prefix = "lenpred"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        """BERT's init (std 0.02) for every layer; the encoder is usually overwritten by warm-start weights."""
+        super()._init_weights(module)
+        if isinstance(module, BertEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            init.zeros_(module.token_type_ids)
+
+
+class LenPredModel(LenPredPreTrainedModel):
+    """Prompt → BERT → masked mean pooling → linear reduction to `end_dim`, joined with the LLM embedding (and
+    log prompt length) → the paper's MLP module → bin head and mean/std head."""
+
+    def __init__(self, config: LenPredConfig):
+        super().__init__(config)
+        bert_config = config.bert_config()
+        self.encoder = BertModel(bert_config, add_pooling_layer=False)
+        self.reduce = nn.Linear(bert_config.hidden_size, config.end_dim)
+        self.llm_embedding = nn.Embedding(max(config.num_llms, 1), config.llm_embedding_dim)
+        in_dim = config.end_dim + config.llm_embedding_dim + int(config.use_prompt_length)
+        # The paper's module: two linear layers, ReLU after the first, two dropout layers, then the heads.
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, config.head_hidden_dim), nn.ReLU(), nn.Dropout(config.dropout),
+            nn.Linear(config.head_hidden_dim, config.head_hidden_dim), nn.Dropout(config.dropout),
+        )
+        self.bin_head = nn.Linear(config.head_hidden_dim, config.num_bins)
+        self.length_head = nn.Linear(config.head_hidden_dim, 2)  # log1p(mean), log1p(std)
+        self.post_init()
+
+    @classmethod
+    def from_encoder(cls, encoder: str, **config_kwargs) -> "LenPredModel":
+        """Warm-start the encoder from any BERT-family checkpoint (path or Hub id); the heads start fresh."""
+        bert = BertModel.from_pretrained(encoder, add_pooling_layer=False)
+        model = cls(LenPredConfig(encoder_config=bert.config.to_diff_dict(), **config_kwargs))
+        model.encoder.load_state_dict(bert.state_dict())
+        return model
+
+    # -- encoding -------------------------------------------------------------------------------------------
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """One encoder pass: the prompt vector (batch, end_dim [+1]) that every LLM's prediction starts from."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        vector = self.reduce(pooled)
+        if self.config.use_prompt_length:
+            n_tokens = attention_mask.sum(-1, keepdim=True).to(vector.dtype)
+            vector = torch.cat([vector, torch.log1p(n_tokens) / math.log(512.0)], dim=-1)
+        return vector
+
+    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor):
+        """Predictions for `llm_ids` of shape (batch, n_llms) from prompt vectors (batch, d): no encoder work."""
+        n = llm_ids.shape[1]
+        joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), self.llm_embedding(llm_ids)], dim=-1)
+        hidden = self.mlp(joined)
+        raw = self.length_head(hidden)
+        # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
+        log_mean, log_std = F.softplus(raw[..., 0]), F.softplus(raw[..., 1])
+        return self.bin_head(hidden), log_mean, log_std
+
+    def _llm_ids(self, llm_ids, batch_size: int, device) -> tuple[torch.Tensor, bool]:
+        if llm_ids is None:  # every LLM the model knows
+            return torch.arange(self.config.num_llms, device=device).expand(batch_size, -1), False
+        llm_ids = torch.as_tensor(llm_ids, device=device, dtype=torch.long)
+        if llm_ids.dim() == 1:
+            return llm_ids.unsqueeze(1), True
+        if llm_ids.dim() != 2:
+            raise ValueError(f"llm_ids must have shape (batch,) or (batch, n_llms), got {tuple(llm_ids.shape)}")
+        return llm_ids, False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        llm_ids: torch.Tensor | None = None,
+        labels_mean: torch.Tensor | None = None,
+        labels_std: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LenPredOutput:
+        r"""
+        llm_ids (`torch.LongTensor` of shape `(batch,)` or `(batch, n_llms)`, *optional*):
+            Indices into `config.llm_names`; `None` predicts for every LLM. The prompt is encoded once either way.
+        labels_mean, labels_std (`torch.FloatTensor`, same shape as `llm_ids`, *optional*):
+            Mean and std of the answer length in tokens; NaN marks a missing label (an LLM that did not answer the
+            prompt, or a single observed length that has no std), which the loss ignores.
+        """
+        ids, squeeze = self._llm_ids(llm_ids, input_ids.shape[0], input_ids.device)
+        bin_logits, log_mean, log_std = self.heads(self.encode(input_ids, attention_mask, token_type_ids), ids)
+        loss = None
+        if labels_mean is not None or labels_std is not None:
+            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape)
+        if squeeze:
+            bin_logits, log_mean, log_std = bin_logits[:, 0], log_mean[:, 0], log_std[:, 0]
+        return LenPredOutput(loss=loss, bin_logits=bin_logits, mean=torch.expm1(log_mean), std=torch.expm1(log_std),
+                             log_mean=log_mean, log_std=log_std)
+
+    def loss(self, bin_logits, log_mean, log_std, labels_mean, labels_std, shape) -> torch.Tensor:
+        """Cross-entropy over bins + smooth-L1 on log1p(mean) and log1p(std), each averaged over present labels.
+
+        Smooth-L1 in log space rather than a likelihood: a likelihood head's σ would mix the predictor's own error
+        with the answers' spread; here the std head is supervised by the answers' own spread, its own target.
+        """
+        c = self.config
+        total = bin_logits.sum() * 0.0  # keeps the graph when a batch has no labels at all
+        if labels_mean is not None:
+            target = labels_mean.to(log_mean.dtype).reshape(shape)
+            present = ~torch.isnan(target)
+            if present.any():
+                tokens = target[present]
+                edges = torch.tensor(c.bin_edges[1:], device=tokens.device, dtype=tokens.dtype)
+                bins = torch.bucketize(tokens, edges, right=True)
+                total = total + c.bin_loss_weight * F.cross_entropy(bin_logits[present], bins)
+                total = total + c.mean_loss_weight * F.smooth_l1_loss(log_mean[present], torch.log1p(tokens))
+        if labels_std is not None:
+            target = labels_std.to(log_std.dtype).reshape(shape)
+            present = ~torch.isnan(target)
+            if present.any():
+                total = total + c.std_loss_weight * F.smooth_l1_loss(log_std[present], torch.log1p(target[present]))
+        return total
+
+    # -- the one fast prediction path ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(
+        self,
+        prompts: str | Sequence[str],
+        tokenizer,
+        llms: str | Sequence[str] | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> LenPredPrediction:
+        """Predict for every prompt and every requested LLM: no autograd, batches sorted by length with dynamic
+        padding, one encoder pass per prompt. Prompts longer than `max_length` (default `config.max_length`)
+        encoder tokens are truncated to it."""
+        prompts = check_prompts(prompts)
+        names = self.config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
+        ids = torch.tensor([self.config.llm_index(self.config.resolve_llm(n)) for n in names], dtype=torch.long)
+        names = [self.config.llm_names[i] for i in ids]
+        max_length = max_length or self.config.max_length
+        encoded = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        device = self.device
+        was_training = self.training
+        self.eval()
+        outputs = [None] * len(prompts)
+        batches = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="predict", unit="batch")
+        for start in batches:
+            idx = order[start : start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                vector = self.encode(batch["input_ids"], batch["attention_mask"])
+                logits, log_mean, log_std = self.heads(vector, ids.to(device).expand(len(idx), -1))
+            rows = zip(logits.float().softmax(-1).cpu(), torch.expm1(log_mean.float()).cpu(),
+                       torch.expm1(log_std.float()).cpu())
+            for i, row in zip(idx, rows):
+                outputs[i] = row
+        self.train(was_training)
+        probs, mean, std = (torch.stack(t) for t in zip(*outputs))
+        q = self.config.reservation_quantile
+        return LenPredPrediction(names, mean, std, lognormal_quantile(mean, std, q), probs,
+                                 list(self.config.bin_edges), q)
+
+
+class LenPredForSequenceClassification(LenPredModel):
+    """The bin head for `config.default_llm` as a plain classifier, so the stock `text-classification` pipeline
+    returns bin labels (`config.id2label` holds the token ranges). Same weights as [`LenPredModel`]."""
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, llm_ids=None,
+                return_dict=None, **kwargs) -> SequenceClassifierOutput:
+        if llm_ids is None:
+            llm_ids = torch.full((input_ids.shape[0],), self.config.llm_index(self.config.default_llm),
+                                 device=input_ids.device, dtype=torch.long)
+        out = super().forward(input_ids, attention_mask, token_type_ids, llm_ids=llm_ids)
+        loss = F.cross_entropy(out.bin_logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=out.bin_logits)
