@@ -1,0 +1,410 @@
+"""Loading, cleaning and splitting ⟨prompt, LLM, output lengths⟩ rows.
+
+Every loader returns the same normalised frame (see ``COLUMNS``) so that training,
+evaluation and fine-tuning on a user's own gateway logs share one code path.
+Bad rows are never turned into labels: they are dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["CASTILLO_HUB_ID", "PROMPT_SETS", "HELD_OUT_PROMPT_SET", "PAPER_LLMS", "LOCAL_CASTILLO",
+           "COLUMNS", "SPLITS", "Splits", "default_dataset_source", "load_rows", "validate_rows",
+           "sanitize", "load_castillo", "make_splits", "group_by_prompt", "prompt_table"]
+
+logger = logging.getLogger(__name__)
+
+CASTILLO_HUB_ID = "danfperam/castillo"
+PROMPT_SETS = ("Alpaca", "Apps", "BigCodeBench", "DS1000", "DollyDataset", "Mbpp", "ShareGPT")
+HELD_OUT_PROMPT_SET = "Alpaca"
+PAPER_LLMS = ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct",
+              "meta-llama/Llama-3.1-8B-Instruct")
+LOCAL_CASTILLO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "castillo"
+COLUMNS = ("prompt_id", "prompt_text", "llm", "prompt_set", "input_size",
+           "output_sizes", "output_mean", "output_std", "split")
+SPLITS = ("train", "validation", "test")
+CUSTOM_PROMPT_SET = "custom"
+
+# Upstream "sanitized" rule (CASTILLO README): generation cap and high-variance cut-off.
+_CAP_SIZE, _HIGH_VAR_SIZE = 14_999, 8_499
+_HUB_SPLIT_NAMES = {"train": "train", "validate": "validation", "validation": "validation",
+                    "test": "test"}
+
+
+def default_dataset_source() -> str:
+    """The shipped offline copy when present (CI has no Hub access), else the Hub id."""
+    return str(LOCAL_CASTILLO) if LOCAL_CASTILLO.is_dir() else CASTILLO_HUB_ID
+
+
+def _prompt_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _is_missing(x) -> bool:
+    return x is None or (np.ndim(x) == 0 and bool(pd.isna(x)))
+
+
+def _as_sizes(x):
+    """Coerce a cell to a list of sizes (kept raw when broken so validation can say why)."""
+    if _is_missing(x):
+        return None
+    if isinstance(x, str):
+        try:
+            x = json.loads(x)
+        except json.JSONDecodeError:
+            return ["<unparsable>"]
+        if x is None:
+            return None
+    return np.atleast_1d(np.asarray(x, dtype=object) if isinstance(x, list) else x).tolist()
+
+
+def _sizes_fault(sizes) -> str | None:
+    """Why a size list cannot be a label, or None when it is usable."""
+    if len(sizes) == 0:
+        return "empty_output_sizes"
+    if all(type(v) is int for v in sizes):  # fast path: the common, clean case
+        return "negative_output_size" if min(sizes) < 0 else None
+    try:
+        arr = np.asarray(sizes, dtype=float)
+    except (TypeError, ValueError):
+        return "invalid_output_size"
+    if arr.ndim != 1 or not np.isfinite(arr).all() or (arr != np.round(arr)).any() \
+            or any(isinstance(v, bool) for v in sizes):
+        return "invalid_output_size"
+    return "negative_output_size" if (arr < 0).any() else None
+
+
+def _mean_std(sizes: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised per-row mean and population std (NaN std for a single observation)."""
+    lens = np.fromiter((len(s) for s in sizes), dtype=np.int64, count=len(sizes))
+    if not len(sizes):
+        return np.zeros(0), np.zeros(0)
+    flat = np.fromiter((v for s in sizes for v in s), dtype=float, count=int(lens.sum()))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    mean = np.add.reduceat(flat, starts) / lens
+    std = np.sqrt(np.add.reduceat((flat - np.repeat(mean, lens)) ** 2, starts) / lens)
+    return mean, np.where(lens > 1, std, np.nan)
+
+
+def _normalise(raw: pd.DataFrame, split: str, origin: str) -> pd.DataFrame:
+    """Map a CASTILLO or user-log frame onto ``COLUMNS``; raise on missing columns."""
+    missing = [c for c in ("prompt_text", "model") if c not in raw.columns]
+    if "output_sizes" not in raw.columns and "output_mean" not in raw.columns:
+        missing.append("output_sizes or output_mean")
+    if missing:
+        raise ValueError(f"{origin}: missing required column(s) {missing}; "
+                         f"found {sorted(map(str, raw.columns))}")
+    n, text = len(raw), raw["prompt_text"].astype(object)
+
+    def num(col):  # numeric column or all-NaN
+        return (pd.to_numeric(raw[col], errors="coerce").to_numpy(float, copy=True)
+                if col in raw.columns else np.full(n, np.nan))
+
+    def obj(col):
+        return raw[col].astype(object).tolist() if col in raw.columns else [None] * n
+
+    pid = [str(p) if not _is_missing(p) else (_prompt_hash(t) if isinstance(t, str) else None)
+           for p, t in zip(obj("prompt_id"), text)]
+    sizes = [_as_sizes(x) for x in obj("output_sizes")]
+    mean, std, good = num("output_mean"), num("output_std"), []
+    for i, sz in enumerate(sizes):
+        if sz is None:
+            continue  # mean-only row: keep what the file says (validated later)
+        if _sizes_fault(sz) is None:
+            sizes[i] = [int(v) for v in sz]
+            good.append(i)
+        else:
+            mean[i] = std[i] = np.nan  # never let a broken size list leave a label behind
+    mean[good], std[good] = _mean_std([sizes[i] for i in good])
+    pset = [CUSTOM_PROMPT_SET if _is_missing(d) or d == "" else str(d) for d in obj("dataset")]
+    return pd.DataFrame({
+        "prompt_id": pd.Series(pid, dtype=object), "prompt_text": text.to_numpy(),
+        "llm": raw["model"].astype(object).to_numpy(), "prompt_set": pset,
+        "input_size": num("input_size"), "output_sizes": pd.Series(sizes, dtype=object),
+        "output_mean": mean, "output_std": std, "split": split,
+    }, columns=list(COLUMNS))
+
+
+def _read_user_file(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype={c: object for c in
+                                        ("prompt_id", "prompt_text", "model", "dataset", "output_sizes")})
+    if suffix in (".jsonl", ".json"):
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            return pd.DataFrame.from_records(json.loads(text))
+        records = [_json_obj(line) for line in text.splitlines() if line.strip()]
+        bad = sum(r is None for r in records)  # e.g. a half-written last line of a live log
+        records = [r for r in records if r is not None]
+        if bad:
+            logger.warning("%s: skipped %d unparsable JSON line(s)", path, bad)
+        return pd.DataFrame.from_records(records)
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .parquet, .jsonl, .json or .csv")
+
+
+def _json_obj(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _load_hub(repo_id: str, splits: Sequence[str]) -> pd.DataFrame:
+    import datasets
+
+    config = "original" if repo_id == CASTILLO_HUB_ID else None
+    try:
+        dsd = datasets.load_dataset(repo_id, config)
+    except Exception as exc:  # offline, missing, auth: one readable message, no chain
+        raise RuntimeError(
+            f"Could not load the Hub dataset {repo_id!r} (config {config!r}): "
+            f"{type(exc).__name__}: {exc}. Offline, pass a local folder holding "
+            f"train/validation/test.parquet instead, e.g. load_rows('{LOCAL_CASTILLO}')."
+        ) from None
+    frames = []
+    for hub_split, ds in dsd.items():
+        split = _HUB_SPLIT_NAMES.get(hub_split)
+        if split is None or split not in splits:
+            continue  # e.g. "full" = all three splits again
+        frames.append(_normalise(ds.to_pandas(), split, f"{repo_id}[{hub_split}]"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
+
+
+def load_rows(source: str | Path | Sequence[str | Path] | None = None,
+              splits: Sequence[str] = SPLITS) -> pd.DataFrame:
+    """Read a CASTILLO folder, the Hub copy, or user log files into ``COLUMNS`` rows.
+
+    Rows are not yet validated: call :func:`validate_rows` (or :func:`load_castillo`).
+    User files carry no split, so their rows get split "train".
+    """
+    splits = tuple(splits)
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected a subset of {SPLITS}")
+    source = default_dataset_source() if source is None else source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.is_dir():
+            frames = []
+            for split in splits:
+                f = path / f"{split}.parquet"
+                if not f.exists() and split == "validation":
+                    f = path / "validate.parquet"
+                if not f.exists():
+                    logger.warning("%s: no %s.parquet, split skipped", path, split)
+                    continue
+                frames.append(_normalise(pd.read_parquet(f), split, str(f)))
+            if not frames:
+                raise FileNotFoundError(f"{path}: none of {[s + '.parquet' for s in splits]} found")
+            out = pd.concat(frames, ignore_index=True)
+            logger.info("loaded %d rows from %s (%s)", len(out), path, ", ".join(splits))
+            return out
+        if not path.exists():
+            if str(source).count("/") == 1 and not path.suffix:
+                return _load_hub(str(source), splits)
+            raise FileNotFoundError(f"{source}: no such file or folder (nor a Hub dataset id)")
+        source = [path]
+    if not source:
+        raise ValueError("load_rows: empty list of files")
+    frames = []
+    for f in source:
+        f = Path(f)
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no such file")
+        frames.append(_normalise(_read_user_file(f), "train", str(f)))
+    out = pd.concat(frames, ignore_index=True)
+    if "train" not in splits:
+        logger.warning("user log files only have split 'train'; requested %s gives no rows", splits)
+    out = out[out["split"].isin(splits)].reset_index(drop=True)
+    logger.info("loaded %d rows from %d user file(s)", len(out), len(frames))
+    return out
+
+
+def _row_fault(text, llm, sizes, mean, std) -> str | None:
+    """First reason a normalised row cannot be a label, else None."""
+    if not isinstance(text, str) or not text.strip():
+        return "missing_prompt_text"
+    if not isinstance(llm, str) or not llm.strip():
+        return "missing_llm"
+    fault = _sizes_fault(sizes) if sizes is not None else None
+    return fault or ("missing_output" if not math.isfinite(mean) else
+                     "negative_output_mean" if mean < 0 else
+                     "negative_output_std" if std < 0 else None)
+
+
+def validate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop rows that cannot give a trustworthy label; return kept rows and counts by reason."""
+    faults = [_row_fault(t, m, s, u, d) for t, m, s, u, d in zip(
+        df["prompt_text"], df["llm"], df["output_sizes"],
+        pd.to_numeric(df["output_mean"], errors="coerce").to_numpy(float),
+        pd.to_numeric(df["output_std"], errors="coerce").to_numpy(float))]
+    counts = {str(k): int(v) for k, v in pd.Series(faults, dtype=object).dropna().value_counts().items()}
+    keep = np.array([f is None for f in faults], dtype=bool)
+    out = df.loc[keep].reset_index(drop=True)
+    if counts:
+        logger.warning("skipped %d malformed row(s) of %d: %s", int((~keep).sum()), len(df), counts)
+    else:
+        logger.info("all %d rows valid", len(df))
+    return out, counts
+
+
+def sanitize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Apply upstream's degeneration rule so capped run-away generations do not skew labels."""
+    df = df.copy()
+    sizes_col = df["output_sizes"].tolist()
+    means, stds = df["output_mean"].to_numpy(float).copy(), df["output_std"].to_numpy(float).copy()
+    changed, remove = 0, np.zeros(len(df), dtype=bool)
+    for i, s in enumerate(sizes_col):
+        if s is None or len(s) == 0 or max(s) <= _HIGH_VAR_SIZE:
+            continue  # fast path: nothing above either threshold
+        arr = np.asarray(s, dtype=float)
+        if arr.std() > 2 * arr.mean():
+            kept = [v for v in s if v <= _HIGH_VAR_SIZE]
+        elif arr.max() >= _CAP_SIZE:
+            kept = [v for v in s if v < _CAP_SIZE]
+        else:
+            continue
+        changed += 1
+        remove[i] = not kept
+        if kept:
+            sizes_col[i] = kept
+            (means[i],), (stds[i],) = _mean_std([kept])
+    df["output_sizes"] = pd.Series(sizes_col, index=df.index, dtype=object)
+    df["output_mean"], df["output_std"] = means, stds
+    out = df.loc[~remove].reset_index(drop=True)
+    counts = {"rows_changed": int(changed - remove.sum()), "rows_removed": int(remove.sum())}
+    logger.info("sanitize: %s (of %d rows)", counts, len(df))
+    return out, counts
+
+
+def load_castillo(source: str | Path | Sequence[str | Path] | None = None,
+                  splits: Sequence[str] = SPLITS, sanitize_rows: bool = True) -> pd.DataFrame:
+    """load_rows → validate_rows → sanitize, per split so the logged counts are per split."""
+    rows, _ = validate_rows(load_rows(source, splits))
+    if not sanitize_rows:
+        return rows
+    parts = []
+    for split in [s for s in SPLITS if s in set(rows["split"])]:
+        part, counts = sanitize(rows[rows["split"] == split])
+        logger.info("sanitize[%s]: %s", split, counts)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True) if parts else rows
+
+
+@dataclass
+class Splits:
+    """Prompt-disjoint train/dev/test frames; ``heldout`` = pool rows of the held-out set."""
+
+    train: pd.DataFrame
+    dev: pd.DataFrame
+    test: pd.DataFrame
+    heldout: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(COLUMNS)))
+
+    def summary(self) -> dict[str, dict]:
+        return {name: {"rows": len(df), "prompts": int(df["prompt_id"].nunique()),
+                       "llms": int(df["llm"].nunique()),
+                       "prompts_per_set": {str(k): int(v) for k, v in df.groupby(
+                           "prompt_set")["prompt_id"].nunique().items()}}
+                for name, df in (("train", self.train), ("dev", self.dev), ("test", self.test),
+                                 ("heldout", self.heldout))}
+
+
+def make_splits(rows: pd.DataFrame, dev_fraction: float = 0.1, seed: int = 42,
+                llms: Sequence[str] | None = None,
+                held_out: str | None = HELD_OUT_PROMPT_SET) -> Splits:
+    """Carve a dev set from the train+validation pool by prompt, per prompt set.
+
+    Dev membership comes from a seeded hash of the prompt id, so it does not depend on
+    row order; the upstream test split is kept as is (Alpaca included) for generalisation.
+    """
+    if not 0 <= dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction}")
+    if llms is not None:
+        available = sorted(rows["llm"].unique())
+        absent = [m for m in llms if m not in set(available)]
+        if absent:
+            raise ValueError(f"LLM(s) {absent} not in the data; available: {available}")
+        rows = rows[rows["llm"].isin(list(llms))]
+    test = rows[rows["split"] == "test"]
+    pool = rows[rows["split"].isin(["train", "validation"])]
+    overlap = pool["prompt_id"].isin(set(test["prompt_id"]))
+    if overlap.any():
+        logger.warning("dropping %d pool row(s) whose prompt is also in test", int(overlap.sum()))
+        pool = pool[~overlap]
+    is_held = pool["prompt_set"] == held_out if held_out else np.zeros(len(pool), dtype=bool)
+    heldout, pool = pool[is_held], pool[~is_held]
+    prompts = pool.drop_duplicates("prompt_id")[["prompt_id", "prompt_set"]]
+    dev_ids: set[str] = set()
+    for _, grp in prompts.groupby("prompt_set", sort=True):
+        ids = sorted(grp["prompt_id"], key=lambda p: hashlib.sha1(f"{seed}:{p}".encode()).digest())
+        dev_ids.update(ids[:int(round(dev_fraction * len(ids)))])
+    in_dev = pool["prompt_id"].isin(dev_ids)
+    splits = Splits(train=pool[~in_dev].reset_index(drop=True),
+                    dev=pool[in_dev].reset_index(drop=True),
+                    test=test.reset_index(drop=True), heldout=heldout.reset_index(drop=True))
+    logger.info("splits: %s", {k: (v["rows"], v["prompts"]) for k, v in splits.summary().items()})
+    return splits
+
+
+def _pool_duplicates(rows: pd.DataFrame) -> pd.DataFrame:
+    """Merge repeated ⟨prompt, LLM⟩ rows (e.g. a gateway logging one prompt twice)."""
+    dup = rows.duplicated(["prompt_id", "llm"], keep=False)
+    if not dup.any():
+        return rows
+    merged = []
+    for (pid, llm), grp in rows[dup].groupby(["prompt_id", "llm"], sort=False):
+        first = grp.iloc[0].copy()
+        if grp["output_sizes"].map(lambda s: s is not None).all():
+            allsizes = [v for s in grp["output_sizes"] for v in s]
+            (m,), (sd,) = _mean_std([allsizes])
+            first["output_sizes"], first["output_mean"], first["output_std"] = allsizes, m, sd
+        else:  # some rows only know a mean: average the means, spread unknown
+            first["output_sizes"], first["output_mean"] = None, grp["output_mean"].mean()
+            first["output_std"] = np.nan
+        merged.append(first)
+    logger.info("pooled %d duplicate ⟨prompt, LLM⟩ row(s) into %d", int(dup.sum()), len(merged))
+    return pd.concat([rows[~dup], pd.DataFrame(merged)], ignore_index=True)
+
+
+def group_by_prompt(rows: pd.DataFrame, llm_names: Sequence[str]):
+    """One example per prompt with per-LLM label vectors; NaN marks 'no answer from that LLM'."""
+    import datasets
+
+    llm_names = list(llm_names)
+    if not llm_names or len(set(llm_names)) != len(llm_names):
+        raise ValueError(f"llm_names must be non-empty and unique, got {llm_names}")
+    keep = rows["llm"].isin(llm_names)
+    if (~keep).any():
+        logger.info("group_by_prompt: ignored %d row(s) of %d LLM(s) not in llm_names",
+                    int((~keep).sum()), rows.loc[~keep, "llm"].nunique())
+    sub = _pool_duplicates(rows[keep])
+    table = prompt_table(sub)
+    out = {c: table[c].tolist() for c in ("prompt_id", "prompt_text", "prompt_set")}
+    for col in ("mean", "std"):
+        wide = sub.pivot(index="prompt_id", columns="llm", values=f"output_{col}")
+        wide = wide.reindex(index=table["prompt_id"], columns=llm_names)
+        out[f"labels_{col}"] = wide.to_numpy(float).tolist()
+    text, vec = datasets.Value("string"), datasets.List(datasets.Value("float64"))
+    return datasets.Dataset.from_dict(out, features=datasets.Features(
+        {"prompt_id": text, "prompt_text": text, "prompt_set": text,
+         "labels_mean": vec, "labels_std": vec}))
+
+
+def prompt_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Unique prompts in first-seen order, so evaluation encodes each prompt once."""
+    return (rows.drop_duplicates("prompt_id")[["prompt_id", "prompt_text", "prompt_set"]]
+            .reset_index(drop=True))

@@ -1,0 +1,138 @@
+"""The model: shapes, loss, masking, one encoder pass for all LLMs, save/load, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from configuration_lenpred import LenPredConfig, bin_labels, make_bin_edges
+from modeling_lenpred import LenPredModel, lognormal_quantile
+
+NAN = float("nan")
+
+
+def batch(tokenizer, prompts=("Write a poem about the sea.", "def f(x): return x")):
+    return tokenizer(list(prompts), padding=True, return_tensors="pt")
+
+
+def test_bin_edges_and_labels():
+    assert make_bin_edges(500) == [0, 500, 1000, 1500, 2000, 2500, 3000, 3500]
+    assert make_bin_edges(1000, 4000) == [0, 1000, 2000, 3000]
+    assert len(make_bin_edges(50)) == 80
+    assert bin_labels([0, 500, 1000]) == ["0-499", "500-999", "1000+"]
+    with pytest.raises(ValueError, match="positive"):
+        make_bin_edges(0)
+
+
+def test_config_validates_and_resolves_llm_names():
+    config = LenPredConfig(llm_names=["meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct"])
+    assert config.default_llm == "meta-llama/Llama-3.2-1B-Instruct"
+    assert config.resolve_llm("llama-3.2-3B") == "meta-llama/Llama-3.2-3B-Instruct"
+    with pytest.raises(ValueError, match="Ambiguous.*Llama-3.2-1B-Instruct"):
+        config.resolve_llm("llama")
+    with pytest.raises(ValueError, match="Unknown LLM 'gpt-4'.*Llama-3.2-1B-Instruct, meta-llama/Llama-3.2-3B"):
+        config.resolve_llm("gpt-4")
+    with pytest.raises(ValueError, match="unique"):
+        LenPredConfig(llm_names=["a", "a"])
+    assert config.id2label[7] == "3500+"
+
+
+def test_forward_shapes_for_one_and_many_llms(tiny_model, tokenizer):
+    enc = batch(tokenizer)
+    one = tiny_model(**enc, llm_ids=torch.tensor([0, 2]))
+    assert one.mean.shape == (2,) and one.std.shape == (2,) and one.bin_logits.shape == (2, 8)
+    many = tiny_model(**enc, llm_ids=torch.tensor([[0, 1], [2, 0]]))
+    assert many.mean.shape == (2, 2) and many.bin_logits.shape == (2, 2, 8)
+    every = tiny_model(**enc)
+    assert every.mean.shape == (2, 3)
+    assert (every.std > 0).all() and (every.mean >= 0).all()
+    with pytest.raises(ValueError, match="llm_ids must have shape"):
+        tiny_model(**enc, llm_ids=torch.zeros(2, 1, 1, dtype=torch.long))
+
+
+def test_one_encoder_pass_matches_one_pass_per_llm(tiny_model, tokenizer):
+    enc = batch(tokenizer)
+    together = tiny_model(**enc)
+    for j in range(3):
+        alone = tiny_model(**enc, llm_ids=torch.full((2,), j))
+        torch.testing.assert_close(alone.mean, together.mean[:, j])
+        torch.testing.assert_close(alone.std, together.std[:, j])
+        torch.testing.assert_close(alone.bin_logits, together.bin_logits[:, j])
+
+
+def test_loss_is_finite_and_gradients_reach_encoder_and_heads(tiny_model, tokenizer):
+    tiny_model.train()
+    out = tiny_model(**batch(tokenizer), labels_mean=torch.tensor([[120.0, NAN, 40.0], [900.0, 700.0, NAN]]),
+                     labels_std=torch.tensor([[10.0, NAN, NAN], [200.0, 80.0, NAN]]))
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    for name in ("encoder.embeddings.word_embeddings.weight", "encoder.encoder.layer.0.attention.self.query.weight",
+                 "reduce.weight", "llm_embedding.weight", "mlp.0.weight", "bin_head.weight", "length_head.weight"):
+        grad = dict(tiny_model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_masked_labels_do_not_count(tiny_model, tokenizer):
+    enc = batch(tokenizer)
+    masked = tiny_model(**enc, labels_mean=torch.tensor([[120.0, NAN, 40.0], [900.0, NAN, 30.0]]),
+                        labels_std=torch.tensor([[10.0, NAN, 5.0], [200.0, NAN, 3.0]]))
+    # The same labels without the missing LLM: identical loss, whatever value the masked column would have had.
+    kept = tiny_model(**enc, llm_ids=torch.tensor([[0, 2], [0, 2]]),
+                      labels_mean=torch.tensor([[120.0, 40.0], [900.0, 30.0]]),
+                      labels_std=torch.tensor([[10.0, 5.0], [200.0, 3.0]]))
+    torch.testing.assert_close(masked.loss, kept.loss)
+    nothing = tiny_model(**enc, labels_mean=torch.full((2, 3), NAN), labels_std=torch.full((2, 3), NAN))
+    assert nothing.loss.item() == 0.0
+
+
+def test_save_and_load_give_identical_outputs(tiny_model, tokenizer, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = LenPredModel.from_pretrained(tmp_path).eval()
+    enc = batch(tokenizer)
+    a, b = tiny_model(**enc), loaded(**enc)
+    torch.testing.assert_close(a.mean, b.mean)
+    torch.testing.assert_close(a.bin_logits, b.bin_logits)
+    assert loaded.config.llm_names == tiny_model.config.llm_names
+
+
+def test_predict_matches_forward_and_is_order_independent(tiny_model, tokenizer):
+    prompts = ["short", "a somewhat longer prompt about the history of Rome and its emperors", "mid length one"]
+    pred = tiny_model.predict(prompts, tokenizer, batch_size=2)
+    assert pred.mean.shape == (3, 3) and pred.bin_probs.shape == (3, 3, 8)
+    torch.testing.assert_close(pred.bin_probs.sum(-1), torch.ones(3, 3))
+    for i, prompt in enumerate(prompts):
+        ref = tiny_model(**tokenizer([prompt], return_tensors="pt"))
+        torch.testing.assert_close(pred.mean[i], ref.mean[0], rtol=1e-4, atol=1e-4)
+    assert (pred.bound >= pred.mean).all()
+    single = tiny_model.predict(prompts[1], tokenizer, llms="Qwen/Qwen2.5-7B-Instruct")
+    torch.testing.assert_close(single.mean[0, 0], pred.mean[1, 2], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_gets_clear_errors(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="Unknown LLM 'nope'.*meta-llama/Llama-3.2-1B-Instruct"):
+        tiny_model.predict("hello", tokenizer, llms="nope")
+    for empty in ("", "   \n\t"):
+        with pytest.raises(ValueError, match="empty or whitespace"):
+            tiny_model.predict(empty, tokenizer)
+    with pytest.raises(TypeError, match="must be a string"):
+        tiny_model.predict(["fine", 42], tokenizer)
+    with pytest.raises(TypeError, match="string or a list"):
+        tiny_model.predict(None, tokenizer)
+
+
+def test_over_long_prompt_is_truncated_to_max_length(tiny_model, tokenizer):
+    long_prompt = "word " * 5000
+    pred = tiny_model.predict(long_prompt, tokenizer)
+    ids = tokenizer(long_prompt, truncation=True, max_length=tiny_model.config.max_length, return_tensors="pt")
+    assert ids["input_ids"].shape[1] == tiny_model.config.max_length
+    torch.testing.assert_close(pred.mean[0], tiny_model(**ids).mean[0], rtol=1e-4, atol=1e-4)
+
+
+def test_lognormal_quantile_matches_closed_form():
+    mean, std = torch.tensor([100.0]), torch.tensor([50.0])
+    sigma2 = math.log(1 + 0.25)
+    expected = math.exp(math.log(100) - sigma2 / 2 + 2.3263478740 * math.sqrt(sigma2))
+    assert lognormal_quantile(mean, std, 0.99).item() == pytest.approx(expected, rel=1e-4)
+    assert lognormal_quantile(mean, std, 0.5).item() < 100.0  # the log-normal median sits below its mean

@@ -1,0 +1,116 @@
+"""train.py end to end on a tiny encoder: export, 2-process DDP, resume, a new LLM, serving logs, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--per_device_train_batch_size", "8", "--logging_steps", "1", "--max_length", "32", "--end_dim", "16",
+        "--head_hidden_dim", "16", "--llm_embedding_dim", "4", "--dataloader_num_workers", "0"]
+
+
+def train(args, tmp_path: Path, launcher=(sys.executable,), env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *TINY, *map(str, args)], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_train_exports_a_loadable_model_with_metrics(tiny_encoder, castillo_dir, tmp_path):
+    ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "export",
+              "--num_train_epochs", "2"], tmp_path))
+    export = tmp_path / "export"
+    for name in ("model.safetensors", "config.json", "trainer_state.json", "dev_metrics.json", "test_metrics.json",
+                 "training_info.json", "modeling_lenpred.py"):
+        assert (export / name).exists(), name
+    dev = json.loads((export / "dev_metrics.json").read_text())
+    assert {"dev_bin500_accuracy", "dev_mean_mae", "dev_std_mae"} <= set(dev)
+    info = json.loads((export / "training_info.json").read_text())
+    assert info["world_size"] == 1 and len(info["llm_names"]) == 3
+    state = json.loads((export / "trainer_state.json").read_text())
+    assert any("loss" in entry for entry in state["log_history"])
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(export, trust_remote_code=True)
+    assert model.config.llm_names == info["llm_names"]
+
+
+def test_two_process_ddp_on_cpu(tiny_encoder, castillo_dir, tmp_path):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+    ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "export",
+              "--num_train_epochs", "1"], tmp_path, launcher, env={"ACCELERATE_USE_CPU": "true"}))
+    info = json.loads((tmp_path / "export" / "training_info.json").read_text())
+    assert info["world_size"] == 2
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(tmp_path / "export", trust_remote_code=True).config.model_type == "lenpred"
+
+
+def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_dir, tmp_path):
+    common = ["--encoder", tiny_encoder, "--dataset", castillo_dir, "--max_steps", "6", "--save_strategy", "steps",
+              "--save_steps", "3", "--eval_strategy", "no", "--seed", "7"]
+    ok(train([*common, "--output_dir", "full", "--export_dir", "full_export"], tmp_path))
+    ok(train([*common, "--output_dir", "stopped", "--export_dir", "stopped_export"], tmp_path))
+    # What a run stopped after step 3 leaves behind: only its step-3 checkpoint.
+    shutil.rmtree(tmp_path / "stopped" / "checkpoint-6")
+    ok(train([*common, "--output_dir", "stopped", "--export_dir", "resumed_export",
+              "--resume_from_checkpoint", tmp_path / "stopped" / "checkpoint-3"], tmp_path))
+    full = load_file(tmp_path / "full_export" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed_export" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(full[key], resumed[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
+    ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "base",
+              "--max_steps", "2", "--llms", "meta-llama/Llama-3.2-1B-Instruct,meta-llama/Llama-3.2-3B-Instruct"],
+             tmp_path))
+    rows = [{"prompt_text": f"Question number {i}: explain {'everything' if i % 2 else 'briefly'}",
+             "model": "new-org/New-LLM-2B", "output_sizes": [50 + 300 * (i % 2)]} for i in range(12)]
+    log = tmp_path / "logs.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ok(train(["--init-from", tmp_path / "base", "--dataset", log, "--output_dir", "run2", "--export_dir", "adapted",
+              "--max_steps", "3"], tmp_path))
+    config = json.loads((tmp_path / "adapted" / "config.json").read_text())
+    assert config["llm_names"] == ["meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct",
+                                   "new-org/New-LLM-2B"]
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(tmp_path / "adapted", trust_remote_code=True)
+    assert model.llm_embedding.weight.shape[0] == 3
+    pred = model.predict("Question number 99: explain everything", AutoTokenizer.from_pretrained(tmp_path / "adapted"),
+                         llms="new-org/New-LLM-2B")
+    assert pred.mean.shape == (1, 1) and torch.isfinite(pred.mean).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--llms", "no-such/llm"], "absent from the data"),
+    (["--heads", "ranking"], "--heads must be one of"),
+])
+def test_bad_arguments_fail_clearly(tiny_encoder, castillo_dir, tmp_path, args, message):
+    result = train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", *args], tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_help_lists_the_arguments():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for flag in ("--dataset", "--llms", "--init_from", "--heads", "--bin_size", "--export_dir", "--num_train_epochs"):
+        assert flag in result.stdout

@@ -1,0 +1,218 @@
+"""Train LenPred on CASTILLO (or your own serving logs) with the HF Trainer, then export a Hub-ready folder.
+
+    python train.py                                   # defaults: MiniLM, all 12 LLMs, shipped CASTILLO copy
+    accelerate launch train.py --num_train_epochs 3   # multi-GPU / multi-node, unchanged
+    python train.py --dataset logs.jsonl --init_from outputs/lenpred-minilm   # add an LLM from a few examples
+
+One example is one prompt with labels for every LLM that answered it: one encoder pass trains all LLMs at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments,
+                          set_seed)
+
+from configuration_lenpred import LenPredConfig
+from lenpred.data import PAPER_LLMS, group_by_prompt, load_castillo, make_splits
+from lenpred.hub import default_encoder_path, export_model, load_export
+from lenpred.metrics import classification_scores, regression_scores
+from modeling_lenpred import LenPredModel
+
+logger = logging.getLogger("lenpred.train")
+
+
+@dataclass
+class ModelArguments:
+    encoder: str = field(default_factory=default_encoder_path,
+                         metadata={"help": "BERT-family encoder to warm-start from: path or Hub id (default: MiniLM)"})
+    init_from: str | None = field(default=None, metadata={
+        "aliases": ["--init-from"],
+        "help": "continue from a LenPred export; LLMs new to it get a fresh embedding row (few-shot adaptation)"})
+    heads: str = field(default="both", metadata={"help": "which heads to train: both | classification | regression"})
+    bin_size: int = field(default=500, metadata={"help": "tokens per bin of the bin head (50/100/200/500/1000)"})
+    end_dim: int = field(default=256, metadata={"help": "size the prompt vector is reduced to (paper: end dimension)"})
+    head_hidden_dim: int = 256
+    llm_embedding_dim: int = 32
+    dropout: float = 0.1
+    max_length: int = field(default=256, metadata={"help": "prompts are truncated to this many encoder tokens"})
+    head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={
+        "help": "CASTILLO folder or Hub id (default: ../shared/data/castillo if present, else danfperam/castillo), "
+                "or comma-separated parquet/JSONL/CSV log files with prompt_text, model, output_sizes|output_mean"})
+    llms: str | None = field(default=None, metadata={
+        "help": "comma-separated LLM ids to train for (default: all in the data; 'paper' = the three Llamas)"})
+    dev_fraction: float = 0.1
+    max_train_prompts: int | None = field(default=None, metadata={"help": "use only this many training prompts"})
+    max_eval_prompts: int | None = field(default=None, metadata={"help": "use only this many dev/test prompts"})
+    export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
+
+
+DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=2, learning_rate=8e-5, warmup_steps=0.06,
+                per_device_train_batch_size=16, per_device_eval_batch_size=64, weight_decay=0.01,
+                eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=25,
+                train_sampling_strategy="group_by_length", seed=42, dataloader_drop_last=False)
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=__doc__)
+    parser.set_defaults(**DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def resolve_llms(spec: str | None, rows) -> list[str]:
+    present = sorted(rows["llm"].unique())
+    if not spec:
+        return present
+    wanted = list(PAPER_LLMS) if spec == "paper" else [s.strip() for s in spec.split(",") if s.strip()]
+    missing = [w for w in wanted if w not in present]
+    if missing:
+        raise ValueError(f"--llms names LLMs absent from the data: {missing}. Present: {present}")
+    return wanted
+
+
+def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenPredModel:
+    """A fresh model warm-started from the encoder, or an export extended with any LLMs new to it."""
+    weights = {"both": (1.0, 1.0, 0.5), "classification": (1.0, 0.0, 0.0), "regression": (0.0, 1.0, 0.5)}
+    if margs.heads not in weights:
+        raise ValueError(f"--heads must be one of {list(weights)}, got {margs.heads!r}")
+    bin_w, mean_w, std_w = weights[margs.heads]
+    if margs.init_from:
+        old, _ = load_export(margs.init_from)
+        names = list(old.config.llm_names) + [n for n in llm_names if n not in old.config.llm_names]
+        config = LenPredConfig(**{**old.config.to_dict(), "llm_names": names, "bin_loss_weight": bin_w,
+                                  "mean_loss_weight": mean_w, "std_loss_weight": std_w})
+        model = LenPredModel(config)
+        state = old.state_dict()
+        table = model.llm_embedding.weight.detach().clone()
+        n_old = old.config.num_llms
+        table[:n_old] = state.pop("llm_embedding.weight")
+        table[n_old:] = table[:n_old].mean(0)  # a new LLM starts as the average known one
+        model.load_state_dict({**state, "llm_embedding.weight": table})
+        logger.info("continuing from %s; new LLMs: %s", margs.init_from, names[n_old:] or "none")
+        return model
+    model = LenPredModel.from_encoder(
+        margs.encoder, llm_names=llm_names, bin_size=margs.bin_size, end_dim=margs.end_dim,
+        head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim, dropout=margs.dropout,
+        max_length=margs.max_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w)
+    # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.
+    with torch.no_grad():
+        typical = torch.tensor([np.log1p(train_rows["output_mean"]).median(),
+                                np.log1p(train_rows["output_std"].dropna()).median()], dtype=torch.float32)
+        model.length_head.bias.copy_(typical + torch.log(-torch.expm1(-typical)))  # inverse softplus
+    return model
+
+
+def tokenized(dataset, tokenizer, max_length: int, n_llms: int):
+    def encode(batch):
+        enc = tokenizer(batch["prompt_text"], truncation=True, max_length=max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    keep = {"labels_mean", "labels_std"}
+    return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
+                       desc="tokenizing")
+
+
+def make_compute_metrics(config: LenPredConfig):
+    """Trainer metrics over every present ⟨prompt, LLM⟩ label: bin accuracy/F1 at the trained size, MAE of mean/std."""
+    def compute_metrics(eval_pred):
+        bin_logits, mean, std = eval_pred.predictions[:3]
+        labels_mean, labels_std = eval_pred.label_ids
+        present = ~np.isnan(labels_mean)
+        bins = bin_logits.argmax(-1)[present]
+        scores = classification_scores(labels_mean[present], bins, config.bin_size, config.bin_max_tokens)
+        out = {f"bin{config.bin_size}_accuracy": scores["accuracy"], f"bin{config.bin_size}_f1": scores["f1"],
+               "mean_mae": regression_scores(labels_mean[present], mean[present])["mae"]}
+        has_std = ~np.isnan(labels_std)
+        if has_std.any():
+            out["std_mae"] = regression_scores(labels_std[has_std], std[has_std])["mae"]
+        return out
+    return compute_metrics
+
+
+class LenPredTrainer(Trainer):
+    """Trainer with a separate learning rate for the freshly initialised heads."""
+
+    def __init__(self, *args, head_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_learning_rate = head_learning_rate
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.head_learning_rate:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n.startswith("encoder.")]},
+                      {"params": [p for n, p in named if not n.startswith("encoder.")], "lr": self.head_learning_rate}]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+        return super().create_optimizer(model)
+
+
+def main(argv=None) -> dict:
+    margs, dargs, targs = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if targs.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    set_seed(targs.seed)
+    started = time.time()
+
+    rows = load_castillo(dargs.dataset)
+    llm_names = resolve_llms(dargs.llms, rows)
+    splits = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=targs.seed, llms=llm_names)
+    logger.info("splits: %s", json.dumps(splits.summary()))
+    model = build_model(margs, llm_names, splits.train)
+    tokenizer = AutoTokenizer.from_pretrained(margs.init_from or margs.encoder)
+    names = model.config.llm_names
+
+    def prepare(frame, limit):
+        ds = group_by_prompt(frame, names)
+        if limit:
+            ds = ds.shuffle(seed=targs.seed).select(range(min(limit, len(ds))))
+        return tokenized(ds, tokenizer, model.config.max_length, len(names))
+
+    train_ds = prepare(splits.train, dargs.max_train_prompts)
+    dev_ds = prepare(splits.dev, dargs.max_eval_prompts) if len(splits.dev) else None
+    test_ds = prepare(splits.test, dargs.max_eval_prompts) if len(splits.test) else None
+    if dev_ds is None:
+        targs.eval_strategy = "no"
+    targs.label_names = ["labels_mean", "labels_std"]
+
+    trainer = LenPredTrainer(
+        model=model, args=targs, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics(model.config),
+        head_learning_rate=margs.head_learning_rate,
+    )
+    result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    trainer.save_state()
+    metrics = {"train": result.metrics}
+    for name, ds in (("dev", dev_ds), ("test", test_ds)):
+        if ds is not None:
+            metrics[name] = trainer.evaluate(ds, metric_key_prefix=name)
+
+    info = {"world_size": targs.world_size, "llm_names": names, "train_prompts": len(train_ds),
+            "seconds": round(time.time() - started, 1), "command": " ".join(sys.argv), "splits": splits.summary()}
+    if trainer.is_world_process_zero():
+        export = export_model(trainer.model, tokenizer, dargs.export_dir)
+        shutil.copy2(Path(targs.output_dir) / "trainer_state.json", export / "trainer_state.json")
+        for name, values in metrics.items():
+            (export / f"{name}_metrics.json").write_text(json.dumps(values, indent=2))
+        (export / "training_info.json").write_text(json.dumps(info, indent=2))
+        logger.info("exported %s in %.0f s; dev: %s", export, info["seconds"], metrics.get("dev"))
+    return metrics
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
