@@ -23,7 +23,8 @@ class EndpointHandler:
 
     def __init__(self, path: str = ""):
         model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
-        self.pipeline = LenPredPipeline(model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        self.pipeline = LenPredPipeline(model=model, tokenizer=tokenizer)
 
     def __call__(self, data: dict[str, Any]) -> list:
         if not isinstance(data, dict) or "inputs" not in data:

@@ -2,7 +2,7 @@
 
 The folder holds only what a user of `AutoModel.from_pretrained(..., trust_remote_code=True)` needs: config with
 `auto_map` and one `custom_pipelines` entry, `model.safetensors`, tokenizer files, the remote-code `.py` files
-(config, model, pipeline, Endpoint handler) and `README.md` (the model card).
+(config, model, pipeline, Endpoint handler) and, once `evaluate.py` has run, `README.md` (the model card).
 """
 
 from __future__ import annotations
@@ -63,9 +63,8 @@ def export_model(model: LenPredModel, tokenizer, out_dir: str | Path, model_card
     for name in REMOTE_CODE_FILES:
         if (REPO_ROOT / name).exists():
             shutil.copy2(REPO_ROOT / name, out / name)
-    card = Path(model_card) if model_card else REPO_ROOT / "model_card.md"
-    if card.exists():
-        shutil.copy2(card, out / "README.md")
+    if model_card:  # a rendered card; evaluate.py writes the one generated from the report
+        shutil.copy2(model_card, out / "README.md")
     logger.info("exported %s", out)
     return out
 
@@ -75,7 +74,7 @@ def load_export(path: str | Path, device: str | None = None):
     model = AutoModel.from_pretrained(str(path), trust_remote_code=True)
     if device:
         model.to(device)
-    return model.eval(), AutoTokenizer.from_pretrained(str(path))
+    return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
 
 
 def push_export(export_dir: str | Path, repo_id: str = HUB_MODEL_ID, private: bool = False, token: str | None = None):
@@ -98,7 +97,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Re-export a LenPred model folder with remote code, or push it.")
     parser.add_argument("model", help="a LenPred export or checkpoint folder")
     parser.add_argument("--out", help="write a fresh Hub-ready folder here")
-    parser.add_argument("--model-card", help="markdown file to ship as README.md (default: model_card.md)")
+    parser.add_argument("--model-card", help="rendered markdown file to ship as README.md (evaluate.py writes one)")
     parser.add_argument("--push", metavar="REPO_ID", nargs="?", const=HUB_MODEL_ID, help="push to this Hub repo")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)

@@ -1,0 +1,372 @@
+"""The evaluation report: scores per (subset, LLM, method), the paper's published figures, Markdown and figures.
+
+Every table is built from one JSON-able dict (`build_results`), and the Markdown is rendered from that dict, so
+`report.json` and `report.md` agree by construction. Table builders take a DataFrame of rows with prediction
+columns `{method}_mean`, `{method}_std` and optionally `{method}_bound` and `{method}_bin` (bin-head argmax).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from configuration_lenpred import PAPER_BIN_SIZES, make_bin_edges
+from lenpred.data import PAPER_LLMS
+from lenpred.metrics import (bin_index, bound_coverage, classification_scores, interval_coverage,
+                             kendall_within_sets, noise_floor, nominal_coverage, per_group_mae, regression_scores)
+
+__all__ = ["METHODS", "SUBSETS", "PAPER_CITATION", "PAPER_RESULTS", "ALL_LLMS", "true_p99", "score_method",
+           "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset", "measured_methods", "md_table", "fmt", "write_json",
+           "calibration_curve", "plot_figures"]
+
+METHODS = {"lenpred": "LenPred (ours)", "median": "Prompt-set median", "knn": "kNN",
+           "prompt": "Prompt baseline", "paper": "Paper (published, not measured here)",
+           "paper_prompt": "Paper prompt baseline (published, not measured here)"}
+SUBSETS = {"in_distribution": "Test split, the six training prompt sets (in distribution)",
+           "alpaca": "Test split, Alpaca (held out: never trained on)"}
+ALL_LLMS = "ALL"  # the pooled row over every LLM
+PAPER_CITATION = ("\"Proactive Inference Scheduling via Output Length Prediction in LLMs\" (2025; the copy used "
+                  "here names no authors), Tables 2-5")
+
+
+def _paper_table(rows: dict) -> dict:
+    """{short llm: (acc%, f1, …)} → {full id: {"classification": {size: {accuracy, f1}}}} (accuracy as fraction)."""
+    ids = {"llama-1B": PAPER_LLMS[0], "llama-3B": PAPER_LLMS[1], "llama-8B": PAPER_LLMS[2]}
+    return {ids[k]: {"classification": {str(s): {"accuracy": v[2 * i] / 100, "f1": v[2 * i + 1]}
+                                        for i, s in enumerate(PAPER_BIN_SIZES)}} for k, v in rows.items()}
+
+
+def _with_regression(table: dict, rows: dict) -> dict:
+    ids = {"llama-1B": PAPER_LLMS[0], "llama-3B": PAPER_LLMS[1], "llama-8B": PAPER_LLMS[2]}
+    for k, (mse_m, mae_m, mse_s, mae_s) in rows.items():
+        table[ids[k]]["regression"] = {"mse_mean": mse_m, "mae_mean": mae_m, "mse_std": mse_s, "mae_std": mae_s}
+    return table
+
+
+#: The paper's Tables 2-5 (in distribution = test split without Alpaca; alpaca = generalisation), verbatim.
+PAPER_RESULTS = {
+    "in_distribution": _with_regression(_paper_table({
+        "llama-1B": (16.81, 0.164, 31.21, 0.305, 50.66, 0.499, 68.90, 0.679, 89.78, 0.8844),
+        "llama-3B": (19.23, 0.187, 33.63, 0.335, 50.55, 0.505, 72.64, 0.720, 92.19, 0.9099),
+        "llama-8B": (16.15, 0.151, 28.35, 0.280, 49.12, 0.484, 67.25, 0.667, 91.86, 0.9020)}), {
+        "llama-1B": (75378.30, 121.02, 108624.30, 80.84), "llama-3B": (45735.30, 119.18, 28182.20, 54.68),
+        "llama-8B": (82152.72, 128.28, 19193.33, 51.60)}),
+    "alpaca": _with_regression(_paper_table({
+        "llama-1B": (10.00, 0.094, 17.70, 0.164, 35.45, 0.361, 71.50, 0.714, 93.60, 0.927),
+        "llama-3B": (13.35, 0.135, 24.35, 0.254, 41.65, 0.435, 74.50, 0.747, 96.55, 0.952),
+        "llama-8B": (11.50, 0.105, 21.75, 0.215, 34.80, 0.354, 75.45, 0.756, 94.55, 0.943)}), {
+        "llama-1B": (70542.27, 163.87, 48814.96, 70.78), "llama-3B": (73246.13, 164.94, 16033.02, 53.45),
+        "llama-8B": (78596.34, 175.10, 21076.86, 52.87)}),
+}
+#: Table 4's prompt baseline (Llama-3.1-8B only; the paper reports no std for it).
+PAPER_PROMPT_BASELINE = {"in_distribution": {PAPER_LLMS[2]: {"regression": {"mse_mean": 3210768.61,
+                                                                          "mae_mean": 384.03}}}}
+
+
+def true_p99(sizes) -> np.ndarray:
+    """p99 of each row's sampled sizes (numpy's linear percentile, as CASTILLO's `output_percentiles`)."""
+    return np.array([np.percentile(s, 99) if s is not None and len(s) else np.nan for s in sizes], dtype=float)
+
+
+def _finite(x) -> np.ndarray:
+    return np.isfinite(np.asarray(x, dtype=float))
+
+
+def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = None, max_tokens: int = 4000,
+                 bin_sizes=PAPER_BIN_SIZES) -> dict | None:
+    """Every metric of one method on `rows` (one LLM or all, one subset); None if it predicted for no row.
+
+    Labels are bins of the sanitised `output_mean`; F1 is weighted. At `head_bin_size` a `{method}_bin` column
+    (the bin head's argmax) is scored, at every other size the bin of the predicted mean.
+    """
+    col = f"{method}_mean"
+    if col not in rows or not _finite(rows[col]).any():
+        return None
+    rows = rows[_finite(rows[col])]
+    true, pred = rows["output_mean"].to_numpy(float), rows[col].to_numpy(float)
+    out: dict = {"n": int(len(rows)), "classification": {}}
+    for size in bin_sizes:
+        use_head = size == head_bin_size and f"{method}_bin" in rows
+        bins = rows[f"{method}_bin"].to_numpy(int) if use_head else bin_index(np.clip(pred, 0, None),
+                                                                             make_bin_edges(size, max_tokens))
+        out["classification"][str(size)] = {**classification_scores(true, bins, size, max_tokens),
+                                            "source": "bin head" if use_head else "predicted mean"}
+    std = rows[f"{method}_std"].to_numpy(float) if f"{method}_std" in rows else np.full(len(rows), np.nan)
+    bound = rows[f"{method}_bound"].to_numpy(float) if f"{method}_bound" in rows else None
+    reg = {f"{k}_mean": v for k, v in regression_scores(true, pred).items()}
+    ok = _finite(rows["output_std"]) & _finite(std)
+    reg.update({f"{k}_std": (v if ok.any() else None) for k, v in
+                (regression_scores(rows["output_std"].to_numpy(float)[ok], std[ok]) if ok.any()
+                 else {"mse": None, "mae": None}).items()})
+    out["regression"] = reg
+    groups = list(zip(rows["llm"], rows["prompt_set"]))
+    out["kendall_tau_b"] = kendall_within_sets(true, pred, groups)
+    out["mae_by_prompt_set"] = per_group_mae(true, pred, rows["prompt_set"].tolist())
+    sizes = rows["output_sizes"].tolist()
+    has_std = _finite(std).any()
+    out["coverage_1sigma"] = interval_coverage(sizes, pred, std, 1.0) if has_std else None
+    out["coverage_2sigma"] = interval_coverage(sizes, pred, std, 2.0) if has_std else None
+    out["bound_coverage"] = bound_coverage(sizes, bound) if bound is not None else None
+    out["p99_bin_accuracy"] = None
+    if bound is not None and head_bin_size:
+        p99 = true_p99(sizes)
+        keep = _finite(p99) & _finite(bound)
+        edges = make_bin_edges(head_bin_size, max_tokens)
+        if keep.any():
+            out["p99_bin_accuracy"] = float(np.mean(bin_index(bound[keep], edges) == bin_index(p99[keep], edges)))
+    return out
+
+
+def order_llms(llms) -> list[str]:
+    """The paper's three Llamas first, then the others in the given order."""
+    llms = list(dict.fromkeys(llms))
+    return [m for m in PAPER_LLMS if m in llms] + [m for m in llms if m not in PAPER_LLMS]
+
+
+def build_results(subsets: dict[str, pd.DataFrame], methods, llms, head_bin_size: int, max_tokens: int = 4000,
+                  bin_sizes=PAPER_BIN_SIZES) -> dict:
+    """{subset: {llm or ALL: {"n_rows", "n_prompts", "noise_floor", method: scores, "paper": …}}}."""
+    results = {}
+    for name, rows in subsets.items():
+        per = {}
+        for llm in [*order_llms(llms), ALL_LLMS]:
+            part = rows if llm == ALL_LLMS else rows[rows["llm"] == llm]
+            if part.empty:
+                continue
+            entry = {"n_rows": int(len(part)), "n_prompts": int(part["prompt_id"].nunique()),
+                     "noise_floor": noise_floor(part)}
+            for m in methods:
+                scores = score_method(part, m, head_bin_size, max_tokens, bin_sizes)
+                if scores is not None:
+                    entry[m] = scores
+            for key, table in (("paper", PAPER_RESULTS), ("paper_prompt", PAPER_PROMPT_BASELINE)):
+                if llm in table.get(name, {}):
+                    entry[key] = {**table[name][llm], "source": PAPER_CITATION}
+            per[llm] = entry
+        results[name] = per
+    return results
+
+
+def calibration_curve(rows: pd.DataFrame, method: str, ks=tuple(np.round(np.linspace(0.25, 3.0, 12), 2))) -> dict:
+    """Share of sampled sizes inside mean ± kσ for a grid of k, next to the normal's nominal share."""
+    std = rows.get(f"{method}_std")
+    if std is None or not _finite(std).any():
+        return {}
+    sizes = rows["output_sizes"].tolist()
+    mean = rows[f"{method}_mean"].to_numpy(float)
+    return {"k": list(ks), "nominal": [nominal_coverage(k) for k in ks],
+            "empirical": [interval_coverage(sizes, mean, std.to_numpy(float), k) for k in ks]}
+
+
+def to_jsonable(obj):
+    """NaN/inf → None and numpy scalars → Python, so report.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(to_jsonable(report), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ Markdown
+_FORMATS = {"pct": lambda v: f"{100 * v:.2f}", "f1": lambda v: f"{v:.3f}", "mse": lambda v: f"{v:.1f}",
+            "mae": lambda v: f"{v:.2f}", "tau": lambda v: f"{v:.3f}", "int": lambda v: f"{int(v)}"}
+
+
+def fmt(value, kind: str) -> str:
+    """One cell: `—` for a missing value; the formats the test of JSON/Markdown agreement relies on."""
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else _FORMATS[kind](value)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _short(llm: str) -> str:
+    return "all LLMs (pooled)" if llm == ALL_LLMS else llm.split("/")[-1]
+
+
+def _method_rows(per: dict, methods) -> list[tuple[str, str, dict]]:
+    return [(llm, m, entry[m]) for llm, entry in per.items() for m in methods if m in entry]
+
+
+def _classification_md(per, methods, head_bin_size, bin_sizes) -> str:
+    header = ["LLM", "Method", "n"]
+    for s in bin_sizes:
+        mark = "†" if s == head_bin_size else ""
+        header += [f"Acc@{s}{mark} (%)", f"F1@{s}{mark}"]
+    header.append(f"p99-bin acc@{head_bin_size} (%)")
+    rows = []
+    for llm, m, sc in _method_rows(per, methods):
+        cells = [_short(llm), METHODS[m], fmt(sc.get("n"), "int")]
+        for s in bin_sizes:
+            c = sc["classification"].get(str(s), {})
+            cells += [fmt(c.get("accuracy"), "pct"), fmt(c.get("f1"), "f1")]
+        rows.append(cells + [fmt(sc.get("p99_bin_accuracy"), "pct")])
+    return md_table(header, rows)
+
+
+def _regression_md(per, methods) -> str:
+    header = ["LLM", "Method", "n", "MSE(mean)", "MAE(mean)", "MSE(std)", "MAE(std)"]
+    rows = [[_short(llm), METHODS[m], fmt(sc.get("n"), "int")] +
+            [fmt(sc["regression"].get(k), "mse" if k.startswith("mse") else "mae")
+             for k in ("mse_mean", "mae_mean", "mse_std", "mae_std")] for llm, m, sc in _method_rows(per, methods)]
+    return md_table(header, rows)
+
+
+def _noise_md(per) -> str:
+    header = ["LLM", "rows", "one sample vs 10-sample mean: MAE", "MSE", "sampling error of the mean: MAE"]
+    rows = [[_short(llm), fmt(e["noise_floor"]["n_rows"], "int"), fmt(e["noise_floor"]["single_sample_mae"], "mae"),
+             fmt(e["noise_floor"]["single_sample_mse"], "mse"), fmt(e["noise_floor"]["mean_sampling_mae"], "mae")]
+            for llm, e in per.items()]
+    return md_table(header, rows)
+
+
+def _beyond_md(per, methods, meta) -> str:
+    header = ["LLM", "Method", "Kendall τ-b (within prompt set)",
+              f"inside ±1σ (%) [nominal {100 * meta['nominal_1sigma']:.2f}]",
+              f"inside ±2σ (%) [nominal {100 * meta['nominal_2sigma']:.2f}]",
+              f"≤ bound (%) [nominal {100 * meta['reservation_quantile']:.2f}]"]
+    rows = [[_short(llm), METHODS[m], fmt(sc["kendall_tau_b"], "tau"), fmt(sc["coverage_1sigma"], "pct"),
+             fmt(sc["coverage_2sigma"], "pct"), fmt(sc["bound_coverage"], "pct")]
+            for llm, m, sc in _method_rows(per, methods)]
+    return md_table(header, rows)
+
+
+def _per_set_md(per, methods) -> str:
+    sets = sorted({s for _, _, sc in _method_rows(per, methods) for s in sc["mae_by_prompt_set"]})
+    rows = [[_short(llm), METHODS[m]] + [fmt(sc["mae_by_prompt_set"].get(s), "mae") for s in sets]
+            for llm, m, sc in _method_rows(per, methods)]
+    return md_table(["LLM", "Method"] + [f"MAE(mean) {s}" for s in sets], rows)
+
+
+def measured_methods(meta: dict) -> list[str]:
+    return [m for m in ("lenpred", "median", "knn", "prompt") if m in meta["methods"]]
+
+
+def render_subset(report: dict, name: str, level: int = 2, extra: bool = True) -> str:
+    """One subset's tables (classification, regression; with `extra`, noise floor, ranking/calibration, per set)."""
+    meta, per, h = report["meta"], report["results"][name], "#" * level
+    measured = measured_methods(meta)
+    out = [f"{h} {SUBSETS[name]}\n", f"{h}# Classification (paper Table {2 if name == 'in_distribution' else 3})\n",
+           _classification_md(per, [*measured, "paper"], meta["head_bin_size"], meta["bin_sizes"]), "",
+           f"{h}# Regression (paper Table {4 if name == 'in_distribution' else 5})\n",
+           _regression_md(per, [*measured, "paper", "paper_prompt"]), ""]
+    if extra:
+        out += [f"{h}# Noise floor (from the 10 samples per row)\n", _noise_md(per), "",
+                f"{h}# Ranking, calibration and reservation bound (beyond the paper)\n",
+                _beyond_md(per, measured, meta), "", f"{h}# MAE of the mean per prompt set\n",
+                _per_set_md(per, measured), ""]
+    return "\n".join(out)
+
+
+def render_markdown(report: dict) -> str:
+    """The whole report.md, from the report dict alone."""
+    meta = report["meta"]
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in meta.get("timings_s", {}).items())
+    out = ["# LenPred evaluation report\n",
+           f"- Model: `{meta['model']}`\n- Data: `{meta['dataset']}` (test split, sanitised; "
+           f"{meta['test_rows']} rows, {meta['test_prompts']} prompts)\n- Command: `{meta['command']}`\n"
+           f"- Date: {meta['date']}\n- Wall time: {meta['wall_time_s']:.1f} s ({timing})\n",
+           "## How to read this\n", *[f"- {line}" for line in meta["notes"]], ""]
+    out += [render_subset(report, name) for name, per in report["results"].items() if per]
+    if "prompt_baseline" in meta:
+        pb = meta["prompt_baseline"]
+        out += ["## Prompt baseline replies\n", md_table(["endpoint model", "scored against", "ok", "malformed",
+                                                          "failed"],
+                [[f"`{pb['model']}`", _short(pb["llm"]), *(fmt(pb["counts"][k], "int")
+                                                            for k in ("ok", "malformed", "failed"))]]), ""]
+    out += ["## Figures\n"] + [f"![{k}]({v})\n" for k, v in report.get("figures", {}).items()]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+def plot_figures(report: dict, rows: pd.DataFrame, out_dir: str | Path, trainer_state: dict | None = None) -> dict:
+    """Write the PNGs into `out_dir/figures`; returns {title: relative path} for report["figures"]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = Path(out_dir) / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made = {}
+
+    def save(fig, name, title):
+        fig.tight_layout()
+        fig.savefig(fig_dir / name, dpi=110)
+        plt.close(fig)
+        made[title] = f"figures/{name}"
+
+    llms = order_llms(rows["llm"].unique())
+    ncol = min(4, len(llms))
+    nrow = math.ceil(len(llms) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
+    bins = np.logspace(0, np.log10(16000), 40)
+    for ax, llm in zip(axes.flat, llms):
+        sizes = np.concatenate([np.asarray(s, float) for s in rows.loc[rows["llm"] == llm, "output_sizes"]
+                                if s is not None and len(s)] or [np.zeros(0)])
+        ax.hist(np.clip(sizes, 1, None), bins=bins, color="tab:blue")
+        ax.set_xscale("log"), ax.set_title(_short(llm), fontsize=8), ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(llms):]:
+        ax.axis("off")
+    fig.suptitle("Sampled output lengths per LLM (test split, tokens)")
+    save(fig, "length_distribution.png", "Output-length distribution per LLM")
+
+    if trainer_state and trainer_state.get("log_history"):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in (("loss", "training loss"), ("eval_loss", "eval loss")):
+            pts = [(h["step"], h[key]) for h in trainer_state["log_history"] if key in h and "step" in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if key == "eval_loss" else None, label=label)
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
+        save(fig, "loss_curves.png", "Training and eval loss")
+
+    res = report["results"]
+    fig, axes = plt.subplots(1, len(res), figsize=(5.5 * len(res), 3.8), squeeze=False)
+    sizes = report["meta"]["bin_sizes"]
+    for ax, (name, per) in zip(axes.flat, res.items()):
+        picks = [m for m in PAPER_LLMS if m in per] or [m for m in per if m != ALL_LLMS]
+        for m in [*report["meta"]["methods"], "paper"]:
+            accs = [[per[l][m]["classification"][str(s)]["accuracy"] for l in picks if m in per[l]] for s in sizes]
+            if all(accs):
+                ax.plot(sizes, [100 * np.mean(a) for a in accs], marker="o", label=METHODS[m],
+                        color=f"C{list(METHODS).index(m)}")
+        ax.set_xscale("log"), ax.set_xlabel("bin size (tokens)"), ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{name} (mean over {len(picks)} LLMs)", fontsize=9), ax.legend(fontsize=7)
+    save(fig, "accuracy_vs_bin_size.png", "Accuracy vs bin size")
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, color in (("in_distribution", "tab:blue"), ("alpaca", "tab:orange")):
+        part = rows[rows["subset"] == name]
+        ax.scatter(part["output_mean"].clip(lower=1), part["lenpred_mean"].clip(lower=1), s=3, alpha=0.3,
+                   color=color, label=name)
+    ax.plot([1, 16000], [1, 16000], color="k", lw=0.8)
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("true mean (tokens)")
+    ax.set_ylabel("predicted mean (tokens)"), ax.legend()
+    save(fig, "predicted_vs_true.png", "Predicted vs true mean (LenPred)")
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, curves in report.get("calibration_curve", {}).items():
+        for m, c in curves.items():
+            if c:
+                ax.plot(c["nominal"], c["empirical"], marker=".", color=f"C{list(METHODS).index(m)}",
+                        ls="--" if name == "alpaca" else "-", label=f"{METHODS[m]}, {name}")
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8)
+    ax.set_xlabel("nominal share inside mean ± kσ"), ax.set_ylabel("observed share"), ax.legend(fontsize=7)
+    save(fig, "calibration.png", "Calibration of the predicted std")
+    return made
