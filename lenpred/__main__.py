@@ -1,0 +1,7 @@
+"""`python -m lenpred ...` is the `lenpred` command."""
+
+import sys
+
+from lenpred.cli import main
+
+sys.exit(main())
