@@ -36,7 +36,7 @@ class LenPredOutput(ModelOutput):
     shape `(batch,)`, and `(batch, n_llms)` / `(batch, n_llms, num_bins)` when it had shape `(batch, n_llms)`.
 
     loss (`torch.FloatTensor` of shape `()`, returned when labels are given):
-        Weighted sum of the bin cross-entropy and the smooth-L1 losses of log1p(mean) and log1p(std).
+        Weighted sum of the bin cross-entropy and the L1 losses of log1p(mean) and log1p(std).
     bin_logits: logits over the length bins of `config.bin_edges`.
     mean: predicted mean answer length, in tokens.
     std: predicted standard deviation of the answer length across samples, in tokens (positive).
@@ -97,7 +97,17 @@ class LenPredPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module):
-        """BERT's init (std 0.02) for every layer; the encoder is usually overwritten by warm-start weights."""
+        """BERT's init (std 0.02) inside the encoder, which warm-start weights usually overwrite. The narrow MLP
+        stacks four linear layers with no normalisation between them: at std 0.02 its output would be constant and
+        its gradients vanish, so those layers keep PyTorch's fan-in scaled init and the LLM table a unit normal."""
+        if getattr(module, "_lenpred_head", False):
+            if isinstance(module, nn.Embedding):
+                init.normal_(module.weight, mean=0.0, std=1.0)
+            else:
+                bound = 1.0 / math.sqrt(module.weight.shape[1])
+                init.uniform_(module.weight, -bound, bound)
+                init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, BertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
@@ -122,6 +132,8 @@ class LenPredModel(LenPredPreTrainedModel):
         )
         self.bin_head = nn.Linear(config.head_hidden_dim, config.num_bins)
         self.length_head = nn.Linear(config.head_hidden_dim, 2)  # log1p(mean), log1p(std)
+        for layer in (self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head):
+            layer._lenpred_head = True
         self.post_init()
 
     @classmethod
@@ -196,10 +208,12 @@ class LenPredModel(LenPredPreTrainedModel):
                              log_mean=log_mean, log_std=log_std)
 
     def loss(self, bin_logits, log_mean, log_std, labels_mean, labels_std, shape) -> torch.Tensor:
-        """Cross-entropy over bins + smooth-L1 on log1p(mean) and log1p(std), each averaged over present labels.
+        """Cross-entropy over bins + L1 on log1p(mean) and log1p(std), each averaged over present labels.
 
-        Smooth-L1 in log space rather than a likelihood: a likelihood head's σ would mix the predictor's own error
-        with the answers' spread; here the std head is supervised by the answers' own spread, its own target.
+        L1 in log space estimates the conditional median, which is what minimises the MAE the paper reports (the
+        median is unchanged by the log); squared or smooth-L1 losses estimate the mean of the log, which lengths'
+        left-skewed log distribution drags far below the median. No likelihood head: its σ would mix the
+        predictor's own error with the answers' spread; here the std head is supervised by the answers' own spread.
         """
         c = self.config
         total = bin_logits.sum() * 0.0  # keeps the graph when a batch has no labels at all
@@ -211,12 +225,12 @@ class LenPredModel(LenPredPreTrainedModel):
                 edges = torch.tensor(c.bin_edges[1:], device=tokens.device, dtype=tokens.dtype)
                 bins = torch.bucketize(tokens, edges, right=True)
                 total = total + c.bin_loss_weight * F.cross_entropy(bin_logits[present], bins)
-                total = total + c.mean_loss_weight * F.smooth_l1_loss(log_mean[present], torch.log1p(tokens))
+                total = total + c.mean_loss_weight * F.l1_loss(log_mean[present], torch.log1p(tokens))
         if labels_std is not None:
             target = labels_std.to(log_std.dtype).reshape(shape)
             present = ~torch.isnan(target)
             if present.any():
-                total = total + c.std_loss_weight * F.smooth_l1_loss(log_std[present], torch.log1p(target[present]))
+                total = total + c.std_loss_weight * F.l1_loss(log_std[present], torch.log1p(target[present]))
         return total
 
     # -- the one fast prediction path ---------------------------------------------------------------------------

@@ -47,6 +47,8 @@ class ModelArguments:
     dropout: float = 0.1
     max_length: int = field(default=256, metadata={"help": "prompts are truncated to this many encoder tokens"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
+    keep_best: bool = field(default=True, metadata={
+        "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match)"})
 
 
 @dataclass
@@ -62,10 +64,10 @@ class DataArguments:
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
 
 
-DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=2, learning_rate=8e-5, warmup_steps=0.06,
+DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=2, learning_rate=5e-5, warmup_steps=0.06,
                 per_device_train_batch_size=16, per_device_eval_batch_size=64, weight_decay=0.01,
                 eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=25,
-                train_sampling_strategy="group_by_length", seed=42, dataloader_drop_last=False)
+                train_sampling_strategy="random", seed=42, dataloader_drop_last=False)
 
 
 def parse_args(argv=None):
@@ -187,6 +189,8 @@ def main(argv=None) -> dict:
     test_ds = prepare(splits.test, dargs.max_eval_prompts) if len(splits.test) else None
     if dev_ds is None:
         targs.eval_strategy = "no"
+    if margs.keep_best and targs.eval_strategy == targs.save_strategy != "no" and not targs.load_best_model_at_end:
+        targs.load_best_model_at_end, targs.metric_for_best_model, targs.greater_is_better = True, "mean_mae", False
     targs.label_names = ["labels_mean", "labels_std"]
 
     trainer = LenPredTrainer(

@@ -20,7 +20,7 @@ from lenpred.metrics import (bin_index, bound_coverage, classification_scores, i
                              kendall_within_sets, noise_floor, nominal_coverage, per_group_mae, regression_scores)
 
 __all__ = ["METHODS", "SUBSETS", "PAPER_CITATION", "PAPER_RESULTS", "ALL_LLMS", "true_p99", "score_method",
-           "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset", "measured_methods", "md_table", "fmt", "write_json",
+           "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset", "render_scheduling", "measured_methods", "md_table", "fmt", "write_json",
            "calibration_curve", "plot_figures"]
 
 METHODS = {"lenpred": "LenPred (ours)", "median": "Prompt-set median", "knn": "kNN",
@@ -290,8 +290,27 @@ def render_markdown(report: dict) -> str:
                                                           "failed"],
                 [[f"`{pb['model']}`", _short(pb["llm"]), *(fmt(pb["counts"][k], "int")
                                                             for k in ("ok", "malformed", "failed"))]]), ""]
+    if report.get("scheduling"):
+        out += [render_scheduling(report["scheduling"]), ""]
     out += ["## Figures\n"] + [f"![{k}]({v})\n" for k, v in report.get("figures", {}).items()]
     return "\n".join(out).rstrip() + "\n"
+
+
+def render_scheduling(sched: dict) -> str:
+    """The simulator's summary: one table per load, policies as rows (means over seeds)."""
+    cols = [("mean_completion_s_mean", "mean JCT (s)", "f2"), ("p99_completion_s_mean", "p99 JCT (s)", "f2"),
+            ("mean_ttft_s_mean", "mean TTFT (s)", "f2"), ("throughput_rps_mean", "req/s", "f2"),
+            ("mean_running_mean", "mean running", "f1"), ("preempted_share_mean", "preempted %", "pct"),
+            ("max_wait_s_mean", "longest wait (s)", "f1"), ("gain_pct_mean", "gain vs FCFS %", "f1"),
+            ("share_of_oracle_gain", "share of oracle gain", "f2")]
+    show = {"f2": lambda v: f"{v:.2f}", "f1": lambda v: f"{v:.1f}", "pct": lambda v: f"{100 * v:.2f}"}
+    cell = lambda v, kind: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else show[kind](v)  # noqa
+    out = ["## Proactive scheduling (trace-driven simulator)\n", *[f"- {line}" for line in sched["notes"]], ""]
+    for load in sorted({r["load"] for r in sched["summary"]}):
+        rows = [r for r in sched["summary"] if r["load"] == load]
+        out += [f"### Load {load:g}\n", md_table(["policy"] + [c[1] for c in cols],
+                [[r["policy"]] + [cell(r.get(k), kind) for k, _, kind in cols] for r in rows]), ""]
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------------- figures

@@ -1,0 +1,304 @@
+"""CPU options for the fast prediction path: torch dynamic int8 quantisation, ONNX export with an ONNX Runtime
+predictor (fp32 or ORT int8), and the agreement check against the fp32 model.
+
+Every option returns something with the same `predict(prompts, tokenizer, llms=None, batch_size=32,
+max_length=None, progress=False)` as `LenPredModel.predict`, returning a `LenPredPrediction`-shaped object, so the
+benchmark, the report and the gateway can swap them freely. The issue's bar for a CPU option, checked on the test
+prompts against fp32 (`agreement`): predicted mean within 2 % (median relative difference ≤ 1 %) and bin
+agreement ≥ 99 %.
+
+CLI (agreement of the CPU options with fp32 on the 1,136 CASTILLO test prompts)::
+
+    python -m lenpred.fast --model outputs/lenpred-minilm --check int8 onnx onnx-int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from configuration_lenpred import LenPredConfig
+from modeling_lenpred import LenPredPrediction, check_prompts, lognormal_quantile
+
+__all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
+           "AGREEMENT_BAR", "onnxruntime_available", "check_agreement"]
+
+#: The issue's bar for a CPU option against fp32 on the test prompts.
+AGREEMENT_BAR = {"max_rel_mean": 0.02, "median_rel_mean": 0.01, "bin_agreement": 0.99}
+ONNX_FILE = "model.onnx"
+TOKENIZER_DIR = "tokenizer"
+
+
+# -- torch dynamic int8 -------------------------------------------------------------------------------------------
+def quantize_dynamic_int8(model, heads: bool = False):
+    """A copy of `model` with the encoder's `nn.Linear` layers (and the heads' when `heads=True`) replaced by
+    dynamically quantised int8 ones (weights int8 per tensor, activations quantised per batch at run time).
+
+    Works on a model from `load_export` (remote-code class) as well as on a `LenPredModel`; the copy keeps
+    `predict`. The heads are a few 256-wide layers run on 12 rows per prompt: they cost nothing next to the
+    encoder, so by default they stay fp32 and add no quantisation error.
+    """
+    from torch.ao.quantization import quantize_dynamic
+
+    qmodel = copy.deepcopy(model).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization prints a deprecation warning in torch ≥ 2.10
+        if heads:
+            quantize_dynamic(qmodel, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        else:
+            quantize_dynamic(qmodel.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return qmodel
+
+
+# -- ONNX ---------------------------------------------------------------------------------------------------------
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _AllLLMsGraph(nn.Module):
+    """What the ONNX graph computes: encoder + heads for every LLM the model knows, in one pass.
+
+    inputs  input_ids, attention_mask: int64 (batch, seq)
+    outputs bin_probs (batch, n_llms, num_bins), mean (batch, n_llms), std (batch, n_llms) — float32, tokens.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("llm_ids", torch.arange(model.config.num_llms, dtype=torch.long).unsqueeze(0),
+                             persistent=False)
+
+    def forward(self, input_ids, attention_mask):
+        vector = self.model.encode(input_ids, attention_mask)
+        ids = self.llm_ids.expand(input_ids.shape[0], -1)
+        logits, log_mean, log_std = self.model.heads(vector, ids)
+        return logits.softmax(-1), torch.expm1(log_mean), torch.expm1(log_std)
+
+
+def export_onnx(model, tokenizer, path: str | Path, opset: int = 18) -> Path:
+    """Export `model` (encoder + heads for all its LLMs, dynamic batch and sequence axes) to `path/model.onnx`,
+    with the model's config and the tokenizer (`path/tokenizer/`) so that `OnnxLenPred(path)` needs nothing else.
+    Returns the folder."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    graph = _AllLLMsGraph(model).eval()
+    example = tokenizer(["a first example prompt to trace the graph", "and a second one, a little longer, to have "
+                         "two different lengths"], padding=True, return_tensors="pt")
+    args = (example["input_ids"], example["attention_mask"])
+    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=1,
+                                                                               max=model.config.max_length)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph, args, input_names=["input_ids", "attention_mask"], output_names=["bin_probs", "mean", "std"],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            opset_version=opset, dynamo=True, external_data=False, verbose=False)
+    program.save(str(out / ONNX_FILE), external_data=False)
+    model.config.save_pretrained(out)
+    # in a subfolder: next to a config.json with an `auto_map`, AutoTokenizer would ask about remote code
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
+    return out
+
+
+def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime dynamic int8 quantisation of an `export_onnx` folder (MatMul weights int8) into `dst`,
+    config and tokenizer copied along. Returns `dst`."""
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_dir():
+            shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
+        elif f.name != ONNX_FILE:
+            shutil.copy2(f, dst / f.name)
+    pre = dst / "model.pre.onnx"
+    try:
+        quant_pre_process(str(src / ONNX_FILE), str(pre), skip_symbolic_shape=True)
+        source = pre
+    except Exception:  # pre-processing is an optimisation only
+        source = src / ONNX_FILE
+    quantize_dynamic(str(source), str(dst / ONNX_FILE), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    pre.unlink(missing_ok=True)
+    return dst
+
+
+class OnnxLenPred:
+    """ONNX Runtime predictor for an `export_onnx` folder, with `LenPredModel.predict`'s signature and output."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        self.config = LenPredConfig.from_pretrained(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path / TOKENIZER_DIR)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path / ONNX_FILE), options,
+                                            providers=list(providers or ["CPUExecutionProvider"]))
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """(bin_probs, mean, std) numpy arrays for every LLM, shape (batch, n_llms[, num_bins])."""
+        return self.session.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64),
+                                       "attention_mask": np.asarray(attention_mask, dtype=np.int64)})
+
+    def predict(self, prompts, tokenizer=None, llms=None, batch_size: int = 32, max_length: int | None = None,
+                autocast_dtype=None, progress: bool = False) -> LenPredPrediction:
+        """As `LenPredModel.predict`: length-sorted batches, dynamic padding, one pass per prompt for all LLMs."""
+        prompts = check_prompts(prompts)
+        tokenizer = tokenizer or self.tokenizer
+        c = self.config
+        names = c.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
+        ids = [c.llm_index(c.resolve_llm(n)) for n in names]
+        names = [c.llm_names[i] for i in ids]
+        max_length = max_length or c.max_length
+        encoded = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+        probs = np.empty((len(prompts), len(ids), c.num_bins), dtype=np.float32)
+        mean = np.empty((len(prompts), len(ids)), dtype=np.float32)
+        std = np.empty_like(mean)
+        batches = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="predict[onnx]", unit="batch")
+        pad = tokenizer.pad_token_id or 0
+        for start in batches:
+            idx = order[start: start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = np.full((len(idx), width), pad, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=np.int64)
+            for r, i in enumerate(idx):
+                input_ids[r, :len(encoded[i])] = encoded[i]
+                mask[r, :len(encoded[i])] = 1
+            p, m, s = self.run(input_ids, mask)
+            probs[idx], mean[idx], std[idx] = p[:, ids], m[:, ids], s[:, ids]
+        mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
+        q = c.reservation_quantile
+        return LenPredPrediction(names, mean_t, std_t, lognormal_quantile(mean_t, std_t, q), torch.from_numpy(probs),
+                              list(c.bin_edges), q)
+
+
+# -- agreement ----------------------------------------------------------------------------------------------------
+def _arr(x) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def agreement(reference, other, min_tokens: float = 1.0) -> dict:
+    """How closely `other` reproduces `reference` (both `predict` outputs, or anything with `.mean` and
+    `.bin_probs` of shape (n_prompts, n_llms[, num_bins])).
+
+    Relative difference of the predicted mean: |other − ref| / max(ref, `min_tokens`) (means below one token
+    would turn a rounding difference into a huge ratio). Bin agreement: share of ⟨prompt, LLM⟩ cells whose most
+    probable bin is the same. `passes` applies the issue's bar (`AGREEMENT_BAR`).
+    """
+    ref_mean, oth_mean = _arr(reference.mean).astype(np.float64), _arr(other.mean).astype(np.float64)
+    if ref_mean.shape != oth_mean.shape:
+        raise ValueError(f"predictions have different shapes: {ref_mean.shape} vs {oth_mean.shape}")
+    rel = np.abs(oth_mean - ref_mean) / np.maximum(np.abs(ref_mean), min_tokens)
+    ref_bins, oth_bins = _arr(reference.bin_probs).argmax(-1), _arr(other.bin_probs).argmax(-1)
+    out = {
+        "n": int(rel.size),
+        "max_rel_mean": float(rel.max()),
+        "p99_rel_mean": float(np.quantile(rel, 0.99)),
+        "median_rel_mean": float(np.median(rel)),
+        "share_mean_within_2pct": float((rel <= AGREEMENT_BAR["max_rel_mean"]).mean()),
+        "bin_agreement": float((ref_bins == oth_bins).mean()),
+    }
+    if getattr(reference, "std", None) is not None and getattr(other, "std", None) is not None:
+        ref_std, oth_std = _arr(reference.std).astype(np.float64), _arr(other.std).astype(np.float64)
+        out["median_rel_std"] = float(np.median(np.abs(oth_std - ref_std) / np.maximum(np.abs(ref_std), min_tokens)))
+    out["passes"] = bool(out["max_rel_mean"] <= AGREEMENT_BAR["max_rel_mean"]
+                         and out["median_rel_mean"] <= AGREEMENT_BAR["median_rel_mean"]
+                         and out["bin_agreement"] >= AGREEMENT_BAR["bin_agreement"])
+    return out
+
+
+def build_option(name: str, model, tokenizer, workdir: str | Path, threads: int | None = None):
+    """A predictor for CPU option `name` ("int8", "onnx", "onnx-int8") built from the fp32 `model`."""
+    workdir = Path(workdir)
+    if name == "int8":
+        return quantize_dynamic_int8(model)
+    if name in ("onnx", "onnx-int8"):
+        fp32_dir = workdir / "onnx"
+        if not (fp32_dir / ONNX_FILE).exists():
+            export_onnx(model, tokenizer, fp32_dir)
+        if name == "onnx":
+            return OnnxLenPred(fp32_dir, threads=threads)
+        return OnnxLenPred(quantize_onnx_int8(fp32_dir, workdir / "onnx-int8"), threads=threads)
+    raise ValueError(f"unknown CPU option {name!r}; choose from int8, onnx, onnx-int8")
+
+
+def check_agreement(model, tokenizer, prompts: Sequence[str], options: Sequence[str], workdir: str | Path,
+                    batch_size: int = 32, threads: int | None = None, reference=None) -> dict:
+    """Agreement of each CPU option with the fp32 fast path on `prompts` (all LLMs), plus each one's seconds."""
+    results = {}
+    if reference is None:
+        t = time.perf_counter()
+        reference = model.predict(list(prompts), tokenizer, batch_size=batch_size)
+        results["fp32"] = {"seconds": time.perf_counter() - t}
+    for name in options:
+        predictor = build_option(name, model, tokenizer, workdir, threads=threads)
+        t = time.perf_counter()
+        pred = predictor.predict(list(prompts), tokenizer, batch_size=batch_size)
+        results[name] = {"seconds": time.perf_counter() - t, **agreement(reference, pred)}
+    return results
+
+
+def main(argv=None) -> int:
+    import os
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Agreement of the CPU options (torch int8, ONNX Runtime fp32/int8) "
+                                     "with the fp32 model on the CASTILLO test prompts (all LLMs each).")
+    parser.add_argument("--model", required=True, help="a LenPred export folder")
+    parser.add_argument("--check", nargs="+", default=["int8", "onnx", "onnx-int8"],
+                        choices=["int8", "onnx", "onnx-int8"])
+    parser.add_argument("--limit", type=int, help="only the first N test prompts")
+    parser.add_argument("--threads", type=int, help="torch / ORT intra-op threads")
+    parser.add_argument("--workdir", help="where ONNX files go (default: a temporary folder)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lenpred.data import load_castillo, make_splits, prompt_table
+
+    from transformers import AutoModel, AutoTokenizer
+
+    # as `load_export`, with trust_remote_code for the tokenizer too (no [y/N] prompt about the auto_map)
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    prompts = prompt_table(make_splits(load_castillo()).test)["prompt_text"].tolist()[: args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = check_agreement(model, tokenizer, prompts, args.check, args.workdir or tmp, threads=args.threads)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if all(r.get("passes", True) for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
