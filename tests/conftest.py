@@ -62,6 +62,21 @@ def tiny_model(tokenizer):
     return LenPredModel(config).eval()
 
 
+@pytest.fixture
+def varied_model(tiny_model):
+    """The tiny model with its weights shaken and answer lengths of a few hundred tokens, so every LLM and prompt
+    gets different figures."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in tiny_model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+        tiny_model.length_head.weight.mul_(torch.tensor([[0.3], [0.03]]))
+        tiny_model.length_head.bias.add_(torch.tensor([5.0, 3.5]))
+    return tiny_model
+
+
 def make_castillo_rows(n_prompts: int = 36, seed: int = 0, llms=LLMS, sets=SETS) -> pd.DataFrame:
     """CASTILLO-schema rows: each prompt answered by each LLM with 10 sampled lengths; length depends on the text."""
     rng = np.random.default_rng(seed)

@@ -16,18 +16,9 @@ PROMPTS = ["Write a haiku about autumn.", "Implement quicksort in Python and exp
 
 
 @pytest.fixture
-def tiny_model(tiny_model):
-    """The conftest model with its weights shaken and answer lengths of a few hundred tokens, so every LLM and
-    prompt gets different figures (the freshly initialised model predicts the same for all)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in tiny_model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.5)
-        tiny_model.length_head.weight.mul_(torch.tensor([[0.3], [0.03]]))
-        tiny_model.length_head.bias.add_(torch.tensor([5.0, 3.5]))
-    return tiny_model
+def tiny_model(varied_model):
+    """Every LLM and prompt gets different figures, so a mix-up between rows shows."""
+    return varied_model
 
 
 @pytest.fixture
