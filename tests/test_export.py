@@ -121,3 +121,15 @@ def test_pipeline_bad_input(export_dir):
                                                               "Qwen/Qwen2.5-7B-Instruct"]
     regression = pipe.predict_response_length("hello", "llama-3.2-1B")
     assert set(regression) == {"llm", "predicted_mean", "predicted_std"}
+
+
+def test_paper_api_loads_a_predictor_from_a_path(export_dir, monkeypatch):
+    import pipeline_lenpred
+
+    monkeypatch.setattr(pipeline_lenpred, "_DEFAULT", {})
+    first = pipeline_lenpred.predict_response_length("Introduce Nanjing University.", "llama-3.2-3B",
+                                                     predictor=str(export_dir))
+    assert set(first) == {"llm", "predicted_mean", "predicted_std"} and first["predicted_std"] > 0
+    monkeypatch.setenv("LENPRED_MODEL", str(export_dir))
+    again = pipeline_lenpred.predict_response_length("Introduce Nanjing University.", "llama-3.2-3B")
+    assert again == first and len(pipeline_lenpred._DEFAULT) == 1  # loaded once, reused
