@@ -60,6 +60,8 @@ class LenPredConfig(PretrainedConfig):
             tokens and errors are roughly multiplicative, so the log keeps long answers from dominating the loss.
         use_prompt_length (`bool`): feed `log1p(prompt tokens)` to the MLP (longer prompts, longer code answers).
         bin_loss_weight, mean_loss_weight, std_loss_weight (`float`): weights of the three loss terms.
+        rank_loss_weight (`float`): weight of a pairwise ranking loss on the predicted means of prompts in the same
+            batch for the same LLM (what a shortest-first scheduler needs is the order, not only the value).
         reservation_quantile (`float`): quantile of one answer's length used as the memory-reservation bound.
 
     Example:
@@ -92,6 +94,7 @@ class LenPredConfig(PretrainedConfig):
     bin_loss_weight: float = 1.0
     mean_loss_weight: float = 1.0
     std_loss_weight: float = 0.5
+    rank_loss_weight: float = 0.0
     reservation_quantile: float = 0.99
 
     def __post_init__(self, **kwargs):

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from configuration_lenpred import PAPER_BIN_SIZES, make_bin_edges
+from configuration_lenpred import PAPER_BIN_SIZES, LenPredConfig, make_bin_edges
 from lenpred.baselines import KnnBaseline, PromptSetMedian, cached_embeddings, run_prompt_baseline
 from lenpred.data import HELD_OUT_PROMPT_SET, default_dataset_source, load_castillo, make_splits, prompt_table
 from lenpred.hub import default_encoder_path, load_export
@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-timeout", type=float, default=60.0)
     p.add_argument("--no-simulate", dest="simulate", action="store_false",
                    help="skip the scheduling simulation on the test rows")
-    p.add_argument("--sim-loads", default="0.5,0.7,0.9", help="loads (share of server capacity) to simulate")
+    p.add_argument("--sim-loads", default="0.5,0.7,0.9,inf",
+                   help="loads (share of server capacity) to simulate; inf = a backlog, all requests queued at t = 0")
     p.add_argument("--sim-seeds", type=int, default=3, help="seeds per load (spread reported)")
     p.add_argument("--card-to-export", dest="card", action="store_true", default=True,
                    help="write the model card into the export as README.md (default)")
@@ -115,11 +116,11 @@ def add_reference_baselines(rows: pd.DataFrame, pool: pd.DataFrame, q: float, kn
 
 
 def _resolve_llm(name: str, llms) -> str:
-    matches = [m for m in llms if m == name] or [m for m in llms if name.lower() in m.lower()]
-    if len(matches) != 1:
-        raise SystemExit(f"--baseline-llm: {name!r} names {'none' if not matches else 'several'} of the test "
-                         f"LLMs ({', '.join(matches or llms)}); name one with --baseline-llm")
-    return matches[0]
+    """The config's own rule (an exact id or a unique part of one), applied to the test LLMs."""
+    try:
+        return LenPredConfig(llm_names=list(llms)).resolve_llm(name)
+    except ValueError as err:
+        raise SystemExit(f"--baseline-llm: {err}; name one with --baseline-llm") from None
 
 
 def add_prompt_baseline(rows: pd.DataFrame, url: str, model: str, llm: str | None = None, max_tokens=32,
@@ -152,7 +153,10 @@ def simulate_scheduling(rows: pd.DataFrame, loads, n_seeds: int, out: Path) -> d
              "from its 10 sampled sizes; Poisson arrivals at the given share of capacity; "
              f"{n_seeds} seeds per load (means shown).",
              "Orderings reserve max_tokens per request; `+bound_mem` policies reserve LenPred's bound instead "
-             "(preempted = recomputed). `spf_prompt` orders by prompt length; `oracle` by the true drawn length."]
+             "(preempted = recomputed). `spf_prompt` orders by prompt length; `oracle` by the true drawn length.",
+             "Load is a share of the capacity of a server that reserves max_tokens (`server_capacity`). The backlog "
+             "(every request queued at t = 0) shows what each memory policy admits when work never runs short: "
+             "requests running at once, throughput and the share of requests preempted."]
     return {"notes": notes, "summary": summary.to_dict(orient="records"), "policies": {k: list(v) for k, v in
             policies.items()}, "figure": str(Path(figure).relative_to(out))}
 

@@ -26,7 +26,7 @@ except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
 
 __all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput",
-           "LenPredPrediction", "check_prompts", "lognormal_quantile"]
+           "LenPredPrediction", "check_prompts", "lognormal_quantile", "pairwise_rank_loss"]
 
 
 @dataclass
@@ -77,6 +77,21 @@ def check_prompts(prompts) -> list[str]:
     if not items:
         raise ValueError("no prompts given")
     return list(items)
+
+
+def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """RankNet-style logistic loss over every pair of prompts in the batch answered by the same LLM.
+
+    `scores`, `targets`: (batch, n_llms) in log space, NaN where a label is missing. Pairs whose true lengths differ
+    by less than `margin` (≈ 10 %) are ties within sampling noise and are left out. Correctly ordered pairs with a
+    wide gap cost almost nothing, so the loss spends its gradient on the pairs a scheduler would swap.
+    """
+    diff_true = targets.unsqueeze(0) - targets.unsqueeze(1)  # (batch, batch, n_llms): a's target minus b's
+    diff_pred = scores.unsqueeze(0) - scores.unsqueeze(1)
+    pairs = diff_true > margin  # NaN compares False, so missing labels drop out
+    if not pairs.any():
+        return scores.sum() * 0.0
+    return F.softplus(-diff_pred[pairs]).mean()
 
 
 def lognormal_quantile(mean: torch.Tensor, std: torch.Tensor, q: float) -> torch.Tensor:
@@ -137,9 +152,17 @@ class LenPredModel(LenPredPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_encoder(cls, encoder: str, **config_kwargs) -> "LenPredModel":
-        """Warm-start the encoder from any BERT-family checkpoint (path or Hub id); the heads start fresh."""
+    def from_encoder(cls, encoder: str, num_layers: int | None = None, **config_kwargs) -> "LenPredModel":
+        """Warm-start the encoder from any BERT-family checkpoint (path or Hub id); the heads start fresh.
+
+        `num_layers` keeps only the encoder's first layers: half the layers, about half the latency.
+        """
         bert = BertModel.from_pretrained(encoder, add_pooling_layer=False)
+        if num_layers is not None:
+            if not 1 <= num_layers <= bert.config.num_hidden_layers:
+                raise ValueError(f"num_layers must be between 1 and {bert.config.num_hidden_layers}, got {num_layers}")
+            bert.encoder.layer = bert.encoder.layer[:num_layers]
+            bert.config.num_hidden_layers = num_layers
         model = cls(LenPredConfig(encoder_config=bert.config.to_diff_dict(), **config_kwargs))
         model.encoder.load_state_dict(bert.state_dict())
         return model
@@ -226,6 +249,8 @@ class LenPredModel(LenPredPreTrainedModel):
                 bins = torch.bucketize(tokens, edges, right=True)
                 total = total + c.bin_loss_weight * F.cross_entropy(bin_logits[present], bins)
                 total = total + c.mean_loss_weight * F.l1_loss(log_mean[present], torch.log1p(tokens))
+                if c.rank_loss_weight:
+                    total = total + c.rank_loss_weight * pairwise_rank_loss(log_mean, torch.log1p(target))
         if labels_std is not None:
             target = labels_std.to(log_std.dtype).reshape(shape)
             present = ~torch.isnan(target)

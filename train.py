@@ -41,11 +41,15 @@ class ModelArguments:
         "help": "continue from a LenPred export; LLMs new to it get a fresh embedding row (few-shot adaptation)"})
     heads: str = field(default="both", metadata={"help": "which heads to train: both | classification | regression"})
     bin_size: int = field(default=500, metadata={"help": "tokens per bin of the bin head (50/100/200/500/1000)"})
+    encoder_layers: int | None = field(default=None, metadata={
+        "help": "keep only the encoder's first N layers (e.g. 3 of MiniLM's 6: about half the latency)"})
     end_dim: int = field(default=256, metadata={"help": "size the prompt vector is reduced to (paper: end dimension)"})
     head_hidden_dim: int = 256
     llm_embedding_dim: int = 32
     dropout: float = 0.1
     max_length: int = field(default=256, metadata={"help": "prompts are truncated to this many encoder tokens"})
+    rank_loss_weight: float = field(default=0.0, metadata={
+        "help": "weight of a pairwise ranking loss on the predicted means (same LLM, same batch)"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
     keep_best: bool = field(default=True, metadata={
         "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match)"})
@@ -64,7 +68,7 @@ class DataArguments:
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
 
 
-DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=2, learning_rate=5e-5, warmup_steps=0.06,
+DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=3, learning_rate=5e-5, warmup_steps=0.06,
                 per_device_train_batch_size=16, per_device_eval_batch_size=64, weight_decay=0.01,
                 eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=25,
                 train_sampling_strategy="random", seed=42, dataloader_drop_last=False)
@@ -93,11 +97,13 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
     if margs.heads not in weights:
         raise ValueError(f"--heads must be one of {list(weights)}, got {margs.heads!r}")
     bin_w, mean_w, std_w = weights[margs.heads]
+    rank_w = margs.rank_loss_weight if mean_w else 0.0  # the ranking loss acts on the mean head
     if margs.init_from:
         old, _ = load_export(margs.init_from)
         names = list(old.config.llm_names) + [n for n in llm_names if n not in old.config.llm_names]
         config = LenPredConfig(**{**old.config.to_dict(), "llm_names": names, "bin_loss_weight": bin_w,
-                                  "mean_loss_weight": mean_w, "std_loss_weight": std_w})
+                                  "mean_loss_weight": mean_w, "std_loss_weight": std_w,
+                                  "rank_loss_weight": rank_w})
         model = LenPredModel(config)
         state = old.state_dict()
         table = model.llm_embedding.weight.detach().clone()
@@ -108,9 +114,10 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         logger.info("continuing from %s; new LLMs: %s", margs.init_from, names[n_old:] or "none")
         return model
     model = LenPredModel.from_encoder(
-        margs.encoder, llm_names=llm_names, bin_size=margs.bin_size, end_dim=margs.end_dim,
+        margs.encoder, num_layers=margs.encoder_layers, llm_names=llm_names, bin_size=margs.bin_size, end_dim=margs.end_dim,
         head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim, dropout=margs.dropout,
-        max_length=margs.max_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w)
+        max_length=margs.max_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w,
+        rank_loss_weight=rank_w)
     # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.
     with torch.no_grad():
         typical = torch.tensor([np.log1p(train_rows["output_mean"]).median(),

@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=200, help="timed rounds (one direct + one gateway request each)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--int8", action="store_true",
-                    help="predict with lenpred.fast.quantize_dynamic_int8(model) (the fast-inference CPU option)")
+    ap.add_argument("--backend", choices=("torch", "onnx", "int8", "onnx-int8"), default="torch",
+                    help="predictor: the fp32 torch fast path or a lenpred.fast CPU option (as `lenpred gateway`)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -105,11 +105,12 @@ def main(argv=None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(source)
     llm = model.config.llm_names[0]
     predictor = model
-    if args.int8:
-        from lenpred.fast import quantize_dynamic_int8
+    if args.backend != "torch":
+        from lenpred.fast import build_option
 
-        predictor = quantize_dynamic_int8(model)
-        source += " (int8)"
+        predictor = build_option(args.backend, model, tokenizer, tempfile.mkdtemp(prefix="lenpred-fast-"),
+                                 threads=args.threads)
+        source += f" ({args.backend})"
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True

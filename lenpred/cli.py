@@ -56,6 +56,9 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     ap.add_argument("--flag-fraction", type=float, default=d.flag_fraction, help="... or above this share of actual")
     ap.add_argument("--flag-rule", choices=("or", "and"), default=d.flag_rule,
                     help="flag when either threshold is exceeded (Cheng et al. as worded) or only when both are")
+    ap.add_argument("--backend", choices=("torch", "onnx", "int8", "onnx-int8"), default="torch",
+                    help="predictor: the fp32 torch fast path, or a lenpred.fast CPU option (python -m lenpred.fast "
+                         "--check reports their agreement with fp32)")
     ap.add_argument("--device", help="torch device for the model (default: CPU)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return ap
@@ -72,7 +75,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = GatewayConfig(**{k: v for k, v in vars(args).items() if k in GatewayConfig.__dataclass_fields__})
-    gw = Gateway.from_export(args.model, config, device=args.device)
+    gw = Gateway.from_export(args.model, config, device=args.device, backend=args.backend)
 
     def stop(*_):
         raise KeyboardInterrupt

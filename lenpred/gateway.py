@@ -41,7 +41,6 @@ relay when the client had not asked for it. Answers cut short by the client are 
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import http.client
 import json
@@ -53,9 +52,12 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__all__ = ["GatewayConfig", "Gateway", "MicroBatcher", "compute_priority", "is_flagged"]
+from lenpred.inference import MicroBatcher
+
+__all__ = ["GatewayConfig", "Gateway", "compute_priority", "is_flagged"]
 
 logger = logging.getLogger(__name__)
 PRIORITY_PATHS = ("/v1/chat/completions", "/v1/completions")
@@ -101,57 +103,6 @@ class GatewayConfig:
     flag_rule: str = "or"             # or "and"
 
 
-class MicroBatcher:
-    """One thread runs the model; requests that arrive while it is busy (or within `wait_ms`) share one batch."""
-
-    def __init__(self, model, tokenizer, max_batch: int = 64, wait_ms: float = 0.0):
-        self.model, self.tokenizer, self.max_batch, self.wait = model, tokenizer, max_batch, wait_ms / 1000
-        self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="lenpred-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompt: str, llm: str) -> concurrent.futures.Future:
-        """Future of (mean, std) in tokens for an LLM id the model knows."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._q.put((prompt, llm, fut))
-        return fut
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            batch, deadline = [item], time.monotonic() + self.wait
-            while len(batch) < self.max_batch:
-                try:
-                    left = deadline - time.monotonic()
-                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)
-                    break
-                batch.append(nxt)
-            self._predict(batch)
-
-    def _predict(self, batch) -> None:
-        prompts = list(dict.fromkeys(p for p, _, _ in batch))
-        llms = list(dict.fromkeys(m for _, m, _ in batch))
-        try:
-            pred = self.model.predict(prompts, self.tokenizer, llms=llms, batch_size=len(prompts))
-        except Exception as exc:  # one bad prompt must not fail its neighbours: retry one by one
-            if len(batch) > 1:
-                for item in batch:
-                    self._predict([item])
-            else:
-                batch[0][2].set_exception(exc)
-            return
-        for p, m, fut in batch:
-            i, j = prompts.index(p), llms.index(m)
-            fut.set_result((float(pred.mean[i, j]), float(pred.std[i, j])))
-
-
 def _error_body(status: int, message: str, kind: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
 
@@ -193,11 +144,19 @@ class Gateway:
         self.started = clock()
 
     @classmethod
-    def from_export(cls, path, config: GatewayConfig, device: str | None = None) -> "Gateway":
+    def from_export(cls, path, config: GatewayConfig, device: str | None = None, backend: str = "torch",
+                    workdir: str | None = None) -> "Gateway":
+        """`backend`: "torch" (the model's fp32 fast path) or a `lenpred.fast` CPU option ("onnx", "int8", ...)
+        built once from the export (ONNX files go to `workdir`, default `<export>/fast`)."""
         from lenpred.hub import load_export
 
         model, tokenizer = load_export(path, device=device)
-        return cls(model, tokenizer, config)
+        predictor = None
+        if backend != "torch":
+            from lenpred.fast import build_option
+
+            predictor = build_option(backend, model, tokenizer, workdir or Path(path) / "fast")
+        return cls(model, tokenizer, config, predictor=predictor)
 
     @property
     def url(self) -> str:

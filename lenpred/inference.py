@@ -1,9 +1,15 @@
-"""Predictions for data rows through the model's one fast path (`LenPredModel.predict`).
+"""Predictions through the model's one fast path (`LenPredModel.predict`): for data rows, and micro-batched for
+concurrent requests.
 
 The report, the simulator, the app and the gateway use these helpers and never loop over the model themselves.
 """
 
 from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -11,7 +17,7 @@ import torch
 
 from lenpred.data import prompt_table
 
-__all__ = ["predict_rows", "PREDICTION_COLUMNS"]
+__all__ = ["predict_rows", "PREDICTION_COLUMNS", "MicroBatcher"]
 
 PREDICTION_COLUMNS = ("pred_mean", "pred_std", "pred_bound", "pred_bin", "pred_bin_probs")
 
@@ -40,3 +46,54 @@ def predict_rows(model, tokenizer, rows: pd.DataFrame, batch_size: int = 64, pro
         pred_bin=probs.argmax(-1),
         pred_bin_probs=list(probs.astype(np.float32)),
     )
+
+
+class MicroBatcher:
+    """One thread runs the model; requests that arrive while it is busy (or within `wait_ms`) share one batch."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 64, wait_ms: float = 0.0):
+        self.model, self.tokenizer, self.max_batch, self.wait = model, tokenizer, max_batch, wait_ms / 1000
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="lenpred-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: str, llm: str) -> concurrent.futures.Future:
+        """Future of (mean, std) in tokens for an LLM id the model knows."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put((prompt, llm, fut))
+        return fut
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            batch, deadline = [item], time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                try:
+                    left = deadline - time.monotonic()
+                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._q.put(None)
+                    break
+                batch.append(nxt)
+            self._predict(batch)
+
+    def _predict(self, batch) -> None:
+        prompts = list(dict.fromkeys(p for p, _, _ in batch))
+        llms = list(dict.fromkeys(m for _, m, _ in batch))
+        try:
+            pred = self.model.predict(prompts, self.tokenizer, llms=llms, batch_size=len(prompts))
+        except Exception as exc:  # one bad prompt must not fail its neighbours: retry one by one
+            if len(batch) > 1:
+                for item in batch:
+                    self._predict([item])
+            else:
+                batch[0][2].set_exception(exc)
+            return
+        for p, m, fut in batch:
+            i, j = prompts.index(p), llms.index(m)
+            fut.set_result((float(pred.mean[i, j]), float(pred.std[i, j])))

@@ -306,9 +306,11 @@ def render_scheduling(sched: dict) -> str:
     show = {"f2": lambda v: f"{v:.2f}", "f1": lambda v: f"{v:.1f}", "pct": lambda v: f"{100 * v:.2f}"}
     cell = lambda v, kind: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else show[kind](v)  # noqa
     out = ["## Proactive scheduling (trace-driven simulator)\n", *[f"- {line}" for line in sched["notes"]], ""]
-    for load in sorted({r["load"] for r in sched["summary"]}):
+    backlog = lambda load: load is None or math.isinf(load)  # noqa: E731  (inf is None once in report.json)
+    for load in sorted({r["load"] for r in sched["summary"]}, key=lambda v: math.inf if backlog(v) else v):
         rows = [r for r in sched["summary"] if r["load"] == load]
-        out += [f"### Load {load:g}\n", md_table(["policy"] + [c[1] for c in cols],
+        title = "Backlog (every request queued at t = 0)" if backlog(load) else f"Load {load:g}"
+        out += [f"### {title}\n", md_table(["policy"] + [c[1] for c in cols],
                 [[r["policy"]] + [cell(r.get(k), kind) for k, _, kind in cols] for r in rows]), ""]
     return "\n".join(out)
 

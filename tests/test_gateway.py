@@ -358,7 +358,7 @@ def test_export_and_cli(tiny_model, tokenizer, tmp_path, upstream, capsys):
 
 
 def test_microbatcher_batches_what_queued_meanwhile(tiny_model, tokenizer):
-    from lenpred.gateway import MicroBatcher
+    from lenpred.inference import MicroBatcher
 
     release, sizes = threading.Event(), []
 
@@ -415,3 +415,23 @@ def test_chunked_request_body_is_400(upstream, make_gateway):
     resp = conn.getresponse()
     assert resp.status == 400 and json.loads(resp.read())["error"]["type"] == "invalid_request_error"
     conn.close()
+
+
+def test_onnx_backend_sets_the_same_priority(tiny_model, tokenizer, tmp_path, upstream):
+    """`lenpred gateway --backend onnx`: the ONNX Runtime predictor, built from the export, gives the priority the
+    fp32 torch path gives."""
+    pytest.importorskip("onnxruntime")
+    from lenpred.hub import export_model
+
+    export = export_model(tiny_model, tokenizer, tmp_path / "m")
+    config = GatewayConfig(upstream=upstream.url, port=0, aging_rate=0.0)
+    gw = Gateway.from_export(export, config, backend="onnx", workdir=str(tmp_path / "fast")).start()
+    try:
+        assert (tmp_path / "fast" / "onnx" / "model.onnx").exists()
+        assert call(gw.url, "/v1/chat/completions", chat("Hi"))[0] == 200
+        mean = tiny_model.predict("Hi", tokenizer, llms=[LLM]).mean[0, 0].item()
+        assert upstream.received[-1]["priority"] == round(mean)
+    finally:
+        gw.close()
+    with pytest.raises(ValueError, match="unknown CPU option"):
+        Gateway.from_export(export, config, backend="fp8")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configuration_lenpred import LenPredConfig, bin_labels, make_bin_edges
-from modeling_lenpred import LenPredModel, lognormal_quantile
+from modeling_lenpred import LenPredModel, lognormal_quantile, pairwise_rank_loss
 
 NAN = float("nan")
 
@@ -87,6 +87,29 @@ def test_masked_labels_do_not_count(tiny_model, tokenizer):
     assert nothing.loss.item() == 0.0
 
 
+def test_rank_loss_counts_only_ordered_pairs_of_the_same_llm():
+    targets = torch.log1p(torch.tensor([[100.0, 50.0], [400.0, NAN], [105.0, 800.0]]))
+    right = pairwise_rank_loss(targets, targets)
+    wrong = pairwise_rank_loss(-targets, targets)
+    assert 0 < right < math.log(2) < wrong  # log 2 = a tie; the right order costs less, the wrong one more
+    tie = torch.log1p(torch.tensor([[100.0], [105.0]]))  # within 10 %: sampling noise, not an order to learn
+    assert pairwise_rank_loss(tie.flip(0), tie).item() == 0.0
+    assert pairwise_rank_loss(torch.zeros(3, 2), torch.full((3, 2), NAN)).item() == 0.0  # no labelled pair
+
+
+def test_rank_loss_weight_adds_to_the_loss(tiny_model, tokenizer):
+    labels = dict(labels_mean=torch.tensor([[120.0, NAN, 40.0], [900.0, 700.0, 30.0]]), labels_std=None)
+    base = tiny_model(**batch(tokenizer), **labels).loss
+    tiny_model.config.rank_loss_weight = 1.0
+    try:
+        ranked = tiny_model(**batch(tokenizer), **labels)
+    finally:
+        tiny_model.config.rank_loss_weight = 0.0
+    assert ranked.loss > base
+    ranked.loss.backward()
+    assert tiny_model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
 def test_save_and_load_give_identical_outputs(tiny_model, tokenizer, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     loaded = LenPredModel.from_pretrained(tmp_path).eval()
@@ -154,3 +177,19 @@ def test_warm_start_from_the_real_minilm_weights(tokenizer):
     torch.testing.assert_close(model.encoder(**enc).last_hidden_state, reference(**enc).last_hidden_state)
     pred = model.predict(["How do I sort a list in Python?", "Tell me a story."], tokenizer)
     assert pred.mean.shape == (2, 2) and torch.isfinite(pred.mean).all() and (pred.std > 0).all()
+
+
+def test_warm_start_can_keep_only_the_first_layers(tiny_encoder, tmp_path):
+    """`num_layers` (train.py --encoder_layers) keeps the encoder's first layers, with their weights, and the
+    smaller encoder survives save/load."""
+    from transformers import BertModel
+
+    reference = BertModel.from_pretrained(tiny_encoder, add_pooling_layer=False)
+    model = LenPredModel.from_encoder(str(tiny_encoder), num_layers=1, llm_names=["org/a"])
+    assert model.config.encoder_config["num_hidden_layers"] == 1 and len(model.encoder.encoder.layer) == 1
+    torch.testing.assert_close(model.encoder.encoder.layer[0].output.dense.weight,
+                               reference.encoder.layer[0].output.dense.weight)
+    model.save_pretrained(tmp_path)
+    assert len(LenPredModel.from_pretrained(tmp_path).encoder.encoder.layer) == 1
+    with pytest.raises(ValueError, match="num_layers must be between 1 and 2"):
+        LenPredModel.from_encoder(str(tiny_encoder), num_layers=3, llm_names=["org/a"])

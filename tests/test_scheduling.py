@@ -154,3 +154,23 @@ def test_cli(df, tmp_path, capsys):
     summ = pd.read_csv(out / "summary.csv")
     assert {"fcfs", "spf_pred", "spf_knn", "oracle", "spf_pred+bound_mem"} <= set(summ["policy"])
     assert (out / "sweep.png").stat().st_size > 0 and (out / "summary.json").exists()
+
+
+def test_backlog_shows_what_the_bound_admits(df, tmp_path):
+    # load=inf queues every request at t = 0: the server never runs short of work, so the bound's
+    # extra concurrency shows in full, and ordering by a good prediction cuts completion time.
+    cfg = SimConfig()
+    pol = {k: DEFAULT_POLICIES[k] for k in ("fcfs", "spf_pred", "oracle", "fcfs+bound_mem")}
+    res = sweep(df, pol, loads=(0.9, float("inf")), seeds=(0,), config=cfg, progress=False)
+    backlog = res[np.isinf(res["load"])].set_index("policy")
+    assert backlog.loc["fcfs", "mean_running"] <= cfg.kv_capacity // (df["input_size"].min() + cfg.max_tokens)
+    assert backlog.loc["fcfs+bound_mem", "mean_running"] > 2 * backlog.loc["fcfs", "mean_running"]
+    assert backlog.loc["spf_pred", "mean_completion_s"] < 0.9 * backlog.loc["fcfs", "mean_completion_s"]
+    assert (backlog["n_requests"] == len(df)).all()
+    s = summarize(res)
+    assert open(plot_sweep(s, str(tmp_path / "p.png")), "rb").read(4) == b"\x89PNG"  # inf is left off the plot
+    from lenpred.report import render_scheduling, to_jsonable
+
+    sched = {"notes": ["n"], "summary": to_jsonable(s.to_dict(orient="records"))}  # inf → None, as in report.json
+    text = render_scheduling(sched)
+    assert "### Load 0.9" in text and text.index("### Load 0.9") < text.index("### Backlog")

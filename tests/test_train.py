@@ -114,3 +114,19 @@ def test_help_lists_the_arguments():
     assert result.returncode == 0
     for flag in ("--dataset", "--llms", "--init_from", "--heads", "--bin_size", "--export_dir", "--num_train_epochs"):
         assert flag in result.stdout
+
+
+def test_probe_recipe_scores_dev_per_llama(tiny_encoder, castillo_dir, tmp_path):
+    """benchmarks/probe_recipe.py: trains through train.py and scores the dev split (here with the ranking loss)."""
+    script = ROOT / "benchmarks" / "probe_recipe.py"
+    result = ok(subprocess.run(
+        [sys.executable, str(script), "--out", "probe", "--", "--encoder", str(tiny_encoder), "--dataset",
+         str(castillo_dir), "--rank_loss_weight", "1.0", *TINY], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert probe["train_args"][-len(TINY):] == TINY and '"all"' in result.stdout
+    scores = probe["dev"]["all"]
+    assert scores["rows"] > 0 and scores["mae"] > 0 and 0 <= scores["acc500"] <= 1 and -1 <= scores["tau"] <= 1
+    assert "meta-llama/Llama-3.2-1B-Instruct" in probe["dev"]
+    config = json.loads((tmp_path / "probe" / "export" / "config.json").read_text())
+    assert config["rank_loss_weight"] == 1.0

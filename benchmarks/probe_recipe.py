@@ -1,0 +1,65 @@
+"""Score a training recipe quickly: train with `train.py`'s arguments (1 epoch by default, no checkpoints), then
+score the dev split per Llama and over all LLMs: MAE of the mean, acc@500 (from the predicted mean) and Kendall
+τ-b within prompt set (per LLM × prompt set over all LLMs). Use it to compare recipes before a full run.
+
+    python benchmarks/probe_recipe.py --out runs/probe-base
+    python benchmarks/probe_recipe.py --out runs/probe-rank1 -- --rank_loss_weight 1.0
+
+Everything after `--` goes to `train.py` (and overrides the probe's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from lenpred.data import load_castillo, make_splits  # noqa: E402
+from lenpred.hub import load_export  # noqa: E402
+from lenpred.inference import predict_rows  # noqa: E402
+from lenpred.metrics import kendall_within_sets  # noqa: E402
+
+
+def dev_scores(pred) -> dict:
+    """MAE, acc@500 and τ within (LLM, prompt set) for all LLMs, and per Llama."""
+    out = {}
+    for llm in ["all"] + sorted(l for l in pred["llm"].unique() if "Llama" in l):
+        d = pred if llm == "all" else pred[pred["llm"] == llm]
+        bins = lambda x: np.minimum(x // 500, 7)  # noqa: E731  (last bin open, as in the report)
+        out[llm] = {"rows": len(d), "mae": float((d["pred_mean"] - d["output_mean"]).abs().mean()),
+                    "acc500": float((bins(d["pred_mean"]) == bins(d["output_mean"])).mean()),
+                    "tau": float(kendall_within_sets(d["output_mean"], d["pred_mean"], d["llm"] + "|" + d["prompt_set"]))}
+    return out
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run folder: the export and probe.json go here")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    started = time.time()
+    base = ["--output_dir", f"{args.out}/run", "--export_dir", f"{args.out}/export", "--num_train_epochs",
+            str(args.epochs), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
+    train.main(base + train_args)
+    model, tokenizer = load_export(f"{args.out}/export")
+    rows = load_castillo(next((train_args[i + 1] for i, a in enumerate(train_args) if a == "--dataset"), None))
+    dev = make_splits(rows, dev_fraction=0.1, seed=42, llms=sorted(rows["llm"].unique())).dev
+    result = {"train_args": train_args, "epochs": args.epochs,
+              "dev": dev_scores(predict_rows(model, tokenizer, dev, progress=False)),
+              "seconds": round(time.time() - started, 1)}
+    Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
