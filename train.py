@@ -114,8 +114,8 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         logger.info("continuing from %s; new LLMs: %s", margs.init_from, names[n_old:] or "none")
         return model
     model = LenPredModel.from_encoder(
-        margs.encoder, num_layers=margs.encoder_layers, llm_names=llm_names, bin_size=margs.bin_size, end_dim=margs.end_dim,
-        head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim, dropout=margs.dropout,
+        margs.encoder, num_layers=margs.encoder_layers, llm_names=llm_names, bin_size=margs.bin_size,
+        end_dim=margs.end_dim, head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim, dropout=margs.dropout,
         max_length=margs.max_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w,
         rank_loss_weight=rank_w)
     # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.

@@ -16,26 +16,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from lenpred.data import load_castillo, make_splits  # noqa: E402
 from lenpred.hub import load_export  # noqa: E402
 from lenpred.inference import predict_rows  # noqa: E402
-from lenpred.metrics import kendall_within_sets  # noqa: E402
+from lenpred.report import score_method  # noqa: E402
 
 
 def dev_scores(pred) -> dict:
-    """MAE, acc@500 and τ within (LLM, prompt set) for all LLMs, and per Llama."""
+    """The report's own scores (`score_method`, bins of the predicted mean) for all LLMs, and per Llama."""
     out = {}
-    for llm in ["all"] + sorted(l for l in pred["llm"].unique() if "Llama" in l):
-        d = pred if llm == "all" else pred[pred["llm"] == llm]
-        bins = lambda x: np.minimum(x // 500, 7)  # noqa: E731  (last bin open, as in the report)
-        out[llm] = {"rows": len(d), "mae": float((d["pred_mean"] - d["output_mean"]).abs().mean()),
-                    "acc500": float((bins(d["pred_mean"]) == bins(d["output_mean"])).mean()),
-                    "tau": float(kendall_within_sets(d["output_mean"], d["pred_mean"], d["llm"] + "|" + d["prompt_set"]))}
+    for llm in ["all"] + sorted(name for name in pred["llm"].unique() if "Llama" in name):
+        scores = score_method(pred if llm == "all" else pred[pred["llm"] == llm], "pred", bin_sizes=(500,))
+        out[llm] = {"rows": scores["n"], "mae": scores["regression"]["mae_mean"],
+                    "acc500": scores["classification"]["500"]["accuracy"], "tau": scores["kendall_tau_b"]}
     return out
 
 
@@ -51,8 +47,10 @@ def main(argv=None) -> dict:
             str(args.epochs), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
     train.main(base + train_args)
     model, tokenizer = load_export(f"{args.out}/export")
-    rows = load_castillo(next((train_args[i + 1] for i, a in enumerate(train_args) if a == "--dataset"), None))
-    dev = make_splits(rows, dev_fraction=0.1, seed=42, llms=sorted(rows["llm"].unique())).dev
+    _, dargs, targs = train.parse_args(base + train_args)  # the dev split exactly as train.py carved it
+    rows = load_castillo(dargs.dataset)
+    dev = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=targs.seed,
+                      llms=train.resolve_llms(dargs.llms, rows)).dev
     result = {"train_args": train_args, "epochs": args.epochs,
               "dev": dev_scores(predict_rows(model, tokenizer, dev, progress=False)),
               "seconds": round(time.time() - started, 1)}

@@ -52,8 +52,8 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from lenpred.inference import MicroBatcher
 
