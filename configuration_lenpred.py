@@ -56,9 +56,13 @@ class LenPredConfig(PretrainedConfig):
         bin_max_tokens (`int`): the last, open-ended bin starts below this many tokens.
         bin_edges (`list[int]`, *optional*): lower bin edges; built from `bin_size` and `bin_max_tokens` if unset.
         max_length (`int`): prompts are truncated to this many encoder tokens.
+        prompt_tail_tokens (`int`): of a prompt longer than `max_length`, keep its last this many tokens after the
+            head (a long pasted text often ends with the actual question; 0 keeps the head only).
         target_transform (`str`): `"log1p"` — mean and std are predicted as `log1p(tokens)`; lengths span 1–15,000
             tokens and errors are roughly multiplicative, so the log keeps long answers from dominating the loss.
         use_prompt_length (`bool`): feed `log1p(prompt tokens)` to the MLP (longer prompts, longer code answers).
+        full_prompt_length (`bool`): count the prompt's tokens before truncation (passed as `prompt_length`), so the
+            feature still tells a 300-token prompt from a 3,000-token one; `False` counts the tokens the encoder sees.
         bin_loss_weight, mean_loss_weight, std_loss_weight (`float`): weights of the three loss terms.
         rank_loss_weight (`float`): weight of a pairwise ranking loss on the predicted means of prompts in the same
             batch for the same LLM (what a shortest-first scheduler needs is the order, not only the value).
@@ -89,8 +93,10 @@ class LenPredConfig(PretrainedConfig):
     bin_max_tokens: int = 4000
     bin_edges: list[int] | None = None
     max_length: int = 256
+    prompt_tail_tokens: int = 0
     target_transform: str = "log1p"
     use_prompt_length: bool = True
+    full_prompt_length: bool = False
     bin_loss_weight: float = 1.0
     mean_loss_weight: float = 1.0
     std_loss_weight: float = 0.5
@@ -114,6 +120,8 @@ class LenPredConfig(PretrainedConfig):
         self.bin_edges = [int(e) for e in self.bin_edges]
         if self.bin_edges[0] != 0 or any(b <= a for a, b in zip(self.bin_edges, self.bin_edges[1:])):
             raise ValueError(f"bin_edges must start at 0 and increase, got {self.bin_edges}")
+        if not 0 <= self.prompt_tail_tokens <= self.max_length - 2:
+            raise ValueError(f"prompt_tail_tokens must be in [0, max_length - 2], got {self.prompt_tail_tokens}")
         if self.target_transform != "log1p":
             raise ValueError(f"target_transform must be 'log1p', got {self.target_transform!r}")
         if not 0.5 <= self.reservation_quantile < 1.0:

@@ -258,6 +258,9 @@ def main(argv=None) -> dict:
     report["model_config"] = {k: getattr(config, k) for k in (
         "llm_names", "bin_size", "bin_edges", "end_dim", "head_hidden_dim", "dropout", "max_length",
         "reservation_quantile", "llm_embedding_dim", "use_prompt_length")}
+    # absent from exports made before these options, which behaved as 0 / False
+    report["model_config"]["prompt_tail_tokens"] = getattr(config, "prompt_tail_tokens", 0)
+    report["model_config"]["full_prompt_length"] = getattr(config, "full_prompt_length", False)
     report["model_config"]["encoder_layers"] = config.encoder_config.get("num_hidden_layers")
     report["model_config"]["encoder_hidden_size"] = config.encoder_config.get("hidden_size")
     tick("scores", t0)

@@ -26,7 +26,7 @@ except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
 
 __all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput",
-           "LenPredPrediction", "check_prompts", "lognormal_quantile", "pairwise_rank_loss"]
+           "LenPredPrediction", "check_prompts", "lognormal_quantile", "pairwise_rank_loss", "tokenize_prompts"]
 
 
 @dataclass
@@ -77,6 +77,28 @@ def check_prompts(prompts) -> list[str]:
     if not items:
         raise ValueError("no prompts given")
     return list(items)
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], config: LenPredConfig,
+                     max_length: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Encoder ids of each prompt and its full length in encoder tokens (special tokens included).
+
+    A prompt longer than `max_length` (default `config.max_length`) keeps its head and, when
+    `config.prompt_tail_tokens` > 0, that many tokens of its end; the closing special token stays. With no tail
+    this is exactly the tokenizer's own `truncation=True`. The full length feeds the length feature
+    (`config.full_prompt_length`), which would otherwise stop growing at `max_length`.
+    """
+    max_length = max_length or config.max_length
+    full = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
+    sep = tokenizer.sep_token_id
+    ids = []
+    for seq in full:
+        if len(seq) > max_length:
+            closing = 1 if sep is not None and seq[-1] == sep else 0
+            tail = min(getattr(config, "prompt_tail_tokens", 0), max_length - 1 - closing) + closing
+            seq = seq[: max_length - tail] + (seq[-tail:] if tail else [])
+        ids.append(seq)
+    return ids, [len(seq) for seq in full]
 
 
 def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
@@ -168,8 +190,12 @@ class LenPredModel(LenPredPreTrainedModel):
         return model
 
     # -- encoding -------------------------------------------------------------------------------------------
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """One encoder pass: the prompt vector (batch, end_dim [+1]) that every LLM's prediction starts from."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, prompt_length=None) -> torch.Tensor:
+        """One encoder pass: the prompt vector (batch, end_dim [+1]) that every LLM's prediction starts from.
+
+        `prompt_length` (batch,): the prompts' lengths before truncation (see `tokenize_prompts`); used when
+        `config.full_prompt_length`, else, or when not given, the length feature counts the tokens the encoder sees.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
@@ -178,7 +204,8 @@ class LenPredModel(LenPredPreTrainedModel):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         vector = self.reduce(pooled)
         if self.config.use_prompt_length:
-            n_tokens = attention_mask.sum(-1, keepdim=True).to(vector.dtype)
+            n_tokens = (prompt_length if prompt_length is not None and self.config.full_prompt_length
+                        else attention_mask.sum(-1)).reshape(-1, 1).to(vector.dtype)
             vector = torch.cat([vector, torch.log1p(n_tokens) / math.log(512.0)], dim=-1)
         return vector
 
@@ -210,6 +237,7 @@ class LenPredModel(LenPredPreTrainedModel):
         llm_ids: torch.Tensor | None = None,
         labels_mean: torch.Tensor | None = None,
         labels_std: torch.Tensor | None = None,
+        prompt_length: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LenPredOutput:
@@ -219,9 +247,12 @@ class LenPredModel(LenPredPreTrainedModel):
         labels_mean, labels_std (`torch.FloatTensor`, same shape as `llm_ids`, *optional*):
             Mean and std of the answer length in tokens; NaN marks a missing label (an LLM that did not answer the
             prompt, or a single observed length that has no std), which the loss ignores.
+        prompt_length (`torch.LongTensor` of shape `(batch,)`, *optional*):
+            Each prompt's length in encoder tokens before truncation, from `tokenize_prompts`.
         """
         ids, squeeze = self._llm_ids(llm_ids, input_ids.shape[0], input_ids.device)
-        bin_logits, log_mean, log_std = self.heads(self.encode(input_ids, attention_mask, token_type_ids), ids)
+        vector = self.encode(input_ids, attention_mask, token_type_ids, prompt_length)
+        bin_logits, log_mean, log_std = self.heads(vector, ids)
         loss = None
         if labels_mean is not None or labels_std is not None:
             loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape)
@@ -272,13 +303,12 @@ class LenPredModel(LenPredPreTrainedModel):
     ) -> LenPredPrediction:
         """Predict for every prompt and every requested LLM: no autograd, batches sorted by length with dynamic
         padding, one encoder pass per prompt. Prompts longer than `max_length` (default `config.max_length`)
-        encoder tokens are truncated to it."""
+        encoder tokens are truncated to it (see `tokenize_prompts`)."""
         prompts = check_prompts(prompts)
         names = self.config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
         ids = torch.tensor([self.config.llm_index(self.config.resolve_llm(n)) for n in names], dtype=torch.long)
         names = [self.config.llm_names[i] for i in ids]
-        max_length = max_length or self.config.max_length
-        encoded = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        encoded, lengths = tokenize_prompts(tokenizer, prompts, self.config, max_length)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         device = self.device
         was_training = self.training
@@ -293,7 +323,8 @@ class LenPredModel(LenPredPreTrainedModel):
             idx = order[start : start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                vector = self.encode(batch["input_ids"], batch["attention_mask"])
+                full = torch.tensor([lengths[i] for i in idx], device=device)
+                vector = self.encode(batch["input_ids"], batch["attention_mask"], prompt_length=full)
                 logits, log_mean, log_std = self.heads(vector, ids.to(device).expand(len(idx), -1))
             rows = zip(logits.float().softmax(-1).cpu(), torch.expm1(log_mean.float()).cpu(),
                        torch.expm1(log_std.float()).cpu())

@@ -27,7 +27,7 @@ from configuration_lenpred import LenPredConfig
 from lenpred.data import PAPER_LLMS, group_by_prompt, load_castillo, make_splits
 from lenpred.hub import default_encoder_path, export_model, load_export
 from lenpred.metrics import classification_scores, regression_scores
-from modeling_lenpred import LenPredModel
+from modeling_lenpred import LenPredModel, tokenize_prompts
 
 logger = logging.getLogger("lenpred.train")
 
@@ -48,6 +48,11 @@ class ModelArguments:
     llm_embedding_dim: int = 32
     dropout: float = 0.1
     max_length: int = field(default=256, metadata={"help": "prompts are truncated to this many encoder tokens"})
+    prompt_tail_tokens: int | None = field(default=None, metadata={
+        "help": "of a prompt longer than max_length, keep its last N tokens after the head (0: the head only; "
+                "default: half of max_length)"})
+    full_prompt_length: bool = field(default=True, metadata={
+        "help": "the length feature counts the prompt's tokens before truncation (else those the encoder sees)"})
     rank_loss_weight: float = field(default=0.0, metadata={
         "help": "weight of a pairwise ranking loss on the predicted means (same LLM, same batch)"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
@@ -115,9 +120,12 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         return model
     model = LenPredModel.from_encoder(
         margs.encoder, num_layers=margs.encoder_layers, llm_names=llm_names, bin_size=margs.bin_size,
-        end_dim=margs.end_dim, head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim, dropout=margs.dropout,
-        max_length=margs.max_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w,
-        rank_loss_weight=rank_w)
+        end_dim=margs.end_dim, head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim,
+        dropout=margs.dropout,
+        max_length=margs.max_length,
+        prompt_tail_tokens=margs.max_length // 2 if margs.prompt_tail_tokens is None else margs.prompt_tail_tokens,
+        full_prompt_length=margs.full_prompt_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w,
+        std_loss_weight=std_w, rank_loss_weight=rank_w)
     # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.
     with torch.no_grad():
         typical = torch.tensor([np.log1p(train_rows["output_mean"]).median(),
@@ -126,11 +134,11 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
     return model
 
 
-def tokenized(dataset, tokenizer, max_length: int, n_llms: int):
+def tokenized(dataset, tokenizer, config: LenPredConfig):
     def encode(batch):
-        enc = tokenizer(batch["prompt_text"], truncation=True, max_length=max_length)
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
+        ids, full = tokenize_prompts(tokenizer, batch["prompt_text"], config)
+        return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "length": [len(i) for i in ids],
+                "prompt_length": full}
 
     keep = {"labels_mean", "labels_std"}
     return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
@@ -189,7 +197,7 @@ def main(argv=None) -> dict:
         ds = group_by_prompt(frame, names)
         if limit:
             ds = ds.shuffle(seed=targs.seed).select(range(min(limit, len(ds))))
-        return tokenized(ds, tokenizer, model.config.max_length, len(names))
+        return tokenized(ds, tokenizer, model.config)
 
     train_ds = prepare(splits.train, dargs.max_train_prompts)
     dev_ds = prepare(splits.dev, dargs.max_eval_prompts) if len(splits.dev) else None

@@ -44,6 +44,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from modeling_lenpred import tokenize_prompts  # noqa: E402
+
 GOALS_CPU = {"p50_ms": 10.0, "prompts_per_s": 60.0, "fast_over_naive": 5.0}
 GOALS_GPU = {"p50_ms": 2.0, "prompts_per_s": 5000.0, "fast_over_naive": 5.0}
 
@@ -155,9 +157,11 @@ def naive(model, tokenizer, rows, max_length: int, batch_size: int, budget_s: fl
     start = time.perf_counter()
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[s:s + batch_size], padding="max_length", truncation=True, max_length=max_length,
-                            return_tensors="pt").to(device)
-            res = model(**enc, llm_ids=torch.tensor(ids[s:s + batch_size], device=device))
+            seqs, full = tokenize_prompts(tokenizer, texts[s:s + batch_size], model.config, max_length)
+            enc = tokenizer.pad({"input_ids": seqs}, padding="max_length", max_length=max_length,
+                                return_tensors="pt").to(device)
+            res = model(**enc, llm_ids=torch.tensor(ids[s:s + batch_size], device=device),
+                        prompt_length=torch.tensor(full, device=device))
             for k, (m, b) in enumerate(zip(res.mean.cpu().tolist(), res.bin_logits.argmax(-1).cpu().tolist())):
                 out[s + k] = (m, b)
             done = min(s + batch_size, len(texts))

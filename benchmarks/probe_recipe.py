@@ -31,7 +31,8 @@ def dev_scores(pred) -> dict:
     for llm in ["all"] + sorted(name for name in pred["llm"].unique() if "Llama" in name):
         scores = score_method(pred if llm == "all" else pred[pred["llm"] == llm], "pred", bin_sizes=(500,))
         out[llm] = {"rows": scores["n"], "mae": scores["regression"]["mae_mean"],
-                    "acc500": scores["classification"]["500"]["accuracy"], "tau": scores["kendall_tau_b"]}
+                    "acc500": scores["classification"]["500"]["accuracy"], "tau": scores["kendall_tau_b"],
+                    "tau_by_prompt_set": scores["tau_by_prompt_set"]}
     return out
 
 
@@ -41,11 +42,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="run folder: the export and probe.json go here")
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--rescore", action="store_true", help="score OUT/export again without training")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     started = time.time()
     base = ["--output_dir", f"{args.out}/run", "--export_dir", f"{args.out}/export", "--num_train_epochs",
             str(args.epochs), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
-    train.main(base + train_args)
+    if not args.rescore:
+        train.main(base + train_args)
     model, tokenizer = load_export(f"{args.out}/export")
     _, dargs, targs = train.parse_args(base + train_args)  # the dev split exactly as train.py carved it
     rows = load_castillo(dargs.dataset)

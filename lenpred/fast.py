@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from configuration_lenpred import LenPredConfig
-from modeling_lenpred import LenPredPrediction, check_prompts, lognormal_quantile
+from modeling_lenpred import LenPredPrediction, check_prompts, lognormal_quantile, tokenize_prompts
 
 __all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
            "AGREEMENT_BAR", "onnxruntime_available", "check_agreement"]
@@ -71,7 +71,8 @@ def onnxruntime_available() -> bool:
 class _AllLLMsGraph(nn.Module):
     """What the ONNX graph computes: encoder + heads for every LLM the model knows, in one pass.
 
-    inputs  input_ids, attention_mask: int64 (batch, seq)
+    inputs  input_ids, attention_mask: int64 (batch, seq); and prompt_length: int64 (batch,), the length before
+            truncation, only for a model whose length feature counts it (`config.full_prompt_length`)
     outputs bin_probs (batch, n_llms, num_bins), mean (batch, n_llms), std (batch, n_llms) — float32, tokens.
     """
 
@@ -80,9 +81,12 @@ class _AllLLMsGraph(nn.Module):
         self.model = model
         self.register_buffer("llm_ids", torch.arange(model.config.num_llms, dtype=torch.long).unsqueeze(0),
                              persistent=False)
+        # exports made before `full_prompt_length` existed carry remote code whose `encode` has no such argument
+        self.takes_prompt_length = bool(getattr(model.config, "full_prompt_length", False))
 
-    def forward(self, input_ids, attention_mask):
-        vector = self.model.encode(input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, prompt_length=None):
+        extra = {"prompt_length": prompt_length} if self.takes_prompt_length else {}
+        vector = self.model.encode(input_ids, attention_mask, **extra)
         ids = self.llm_ids.expand(input_ids.shape[0], -1)
         logits, log_mean, log_std = self.model.heads(vector, ids)
         return logits.softmax(-1), torch.expm1(log_mean), torch.expm1(log_std)
@@ -98,15 +102,17 @@ def export_onnx(model, tokenizer, path: str | Path, opset: int = 18) -> Path:
     graph = _AllLLMsGraph(model).eval()
     example = tokenizer(["a first example prompt to trace the graph", "and a second one, a little longer, to have "
                          "two different lengths"], padding=True, return_tensors="pt")
-    args = (example["input_ids"], example["attention_mask"])
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=1,
                                                                                max=model.config.max_length)
+    args = (example["input_ids"], example["attention_mask"])
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    if graph.takes_prompt_length:
+        args, shapes["prompt_length"] = (*args, example["attention_mask"].sum(-1) + 300), {0: batch}
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph, args, input_names=["input_ids", "attention_mask"], output_names=["bin_probs", "mean", "std"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            opset_version=opset, dynamo=True, external_data=False, verbose=False)
+            graph, args, input_names=list(shapes), output_names=["bin_probs", "mean", "std"],
+            dynamic_shapes=shapes, opset_version=opset, dynamo=True, external_data=False, verbose=False)
     program.save(str(out / ONNX_FILE), external_data=False)
     model.config.save_pretrained(out)
     # in a subfolder: next to a config.json with an `auto_map`, AutoTokenizer would ask about remote code
@@ -158,11 +164,15 @@ class OnnxLenPred:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.path / ONNX_FILE), options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
+        self._inputs = {i.name for i in self.session.get_inputs()}
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        """(bin_probs, mean, std) numpy arrays for every LLM, shape (batch, n_llms[, num_bins])."""
-        return self.session.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64),
-                                       "attention_mask": np.asarray(attention_mask, dtype=np.int64)})
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, prompt_length: np.ndarray | None = None):
+        """(bin_probs, mean, std) numpy arrays for every LLM, shape (batch, n_llms[, num_bins]). `prompt_length`:
+        the prompts' lengths before truncation (default: the tokens given)."""
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        full = mask.sum(-1) if prompt_length is None else np.asarray(prompt_length, dtype=np.int64)
+        feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": mask, "prompt_length": full}
+        return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})
 
     def predict(self, prompts, tokenizer=None, llms=None, batch_size: int = 32, max_length: int | None = None,
                 autocast_dtype=None, progress: bool = False) -> LenPredPrediction:
@@ -173,8 +183,7 @@ class OnnxLenPred:
         names = c.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
         ids = [c.llm_index(c.resolve_llm(n)) for n in names]
         names = [c.llm_names[i] for i in ids]
-        max_length = max_length or c.max_length
-        encoded = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+        encoded, lengths = tokenize_prompts(tokenizer, prompts, c, max_length)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         probs = np.empty((len(prompts), len(ids), c.num_bins), dtype=np.float32)
         mean = np.empty((len(prompts), len(ids)), dtype=np.float32)
@@ -193,7 +202,7 @@ class OnnxLenPred:
             for r, i in enumerate(idx):
                 input_ids[r, :len(encoded[i])] = encoded[i]
                 mask[r, :len(encoded[i])] = 1
-            p, m, s = self.run(input_ids, mask)
+            p, m, s = self.run(input_ids, mask, np.array([lengths[i] for i in idx]))
             probs[idx], mean[idx], std[idx] = p[:, ids], m[:, ids], s[:, ids]
         mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
         q = c.reservation_quantile

@@ -84,6 +84,18 @@ def _training_text(training: dict) -> str:
                      for k, label in labels.items() if training.get(k) is not None)
 
 
+def _truncation_text(cfg: dict) -> str:
+    n, tail = cfg.get("max_length"), cfg.get("prompt_tail_tokens") or 0
+    if n is None:
+        return ""
+    text = f"Prompts longer than {n} encoder tokens are cut to " + (
+        f"their first {n - tail} and last {tail} tokens." if tail else f"their first {n}.")
+    if cfg.get("use_prompt_length"):
+        text += (" The log of the prompt's length in encoder tokens is an input too, counted "
+                 + ("before the cut." if cfg.get("full_prompt_length") else "after the cut."))
+    return text
+
+
 def card_values(report: dict) -> dict[str, str]:
     """Every placeholder's text, computed from the report dict."""
     meta, cfg = report["meta"], report.get("model_config", {})
@@ -96,6 +108,7 @@ def card_values(report: dict) -> dict[str, str]:
         "bin_size": str(meta["trained_bin_size"]), "reservation_quantile": f"{meta['reservation_quantile']:g}",
         "encoder_layers": str(cfg.get("encoder_layers")), "encoder_hidden_size": str(cfg.get("encoder_hidden_size")),
         "end_dim": str(cfg.get("end_dim")), "max_length": str(cfg.get("max_length")),
+        "truncation": _truncation_text(cfg),
         "paper_citation": PAPER_CITATION.rsplit(",", 1)[0],
         "llm_list": ", ".join(f"`{m}`" for m in cfg.get("llm_names", llms)),
         "hub_id": _hub_id(), "example_llm": llms[0] if llms else "",

@@ -20,12 +20,14 @@ from lenpred.metrics import (bin_index, bound_coverage, classification_scores, i
                              kendall_within_sets, noise_floor, nominal_coverage, per_group_mae, regression_scores)
 
 __all__ = ["METHODS", "SUBSETS", "PAPER_CITATION", "PAPER_RESULTS", "ALL_LLMS", "true_p99", "score_method",
-           "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset", "render_scheduling", "measured_methods", "md_table", "fmt", "write_json",
-           "calibration_curve", "plot_figures"]
+           "ranking_scores", "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset",
+           "render_scheduling", "measured_methods", "md_table", "fmt", "write_json", "calibration_curve",
+           "plot_figures"]
 
 METHODS = {"lenpred": "LenPred (ours)", "median": "Prompt-set median", "knn": "kNN",
            "prompt": "Prompt baseline", "paper": "Paper (published, not measured here)",
-           "paper_prompt": "Paper prompt baseline (published, not measured here)"}
+           "paper_prompt": "Paper prompt baseline (published, not measured here)",
+           "prompt_length": "Prompt length (input_size; ranking only)"}
 SUBSETS = {"in_distribution": "Test split, the six training prompt sets (in distribution)",
            "alpaca": "Test split, Alpaca (held out: never trained on)"}
 ALL_LLMS = "ALL"  # the pooled row over every LLM
@@ -103,8 +105,7 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
                 (regression_scores(rows["output_std"].to_numpy(float)[ok], std[ok]) if ok.any()
                  else {"mse": None, "mae": None}).items()})
     out["regression"] = reg
-    groups = list(zip(rows["llm"], rows["prompt_set"]))
-    out["kendall_tau_b"] = kendall_within_sets(true, pred, groups)
+    out.update(ranking_scores(rows, pred))
     out["mae_by_prompt_set"] = per_group_mae(true, pred, rows["prompt_set"].tolist())
     sizes = rows["output_sizes"].tolist()
     has_std = _finite(std).any()
@@ -119,6 +120,14 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
         if keep.any():
             out["p99_bin_accuracy"] = float(np.mean(bin_index(bound[keep], edges) == bin_index(p99[keep], edges)))
     return out
+
+
+def ranking_scores(rows: pd.DataFrame, pred) -> dict:
+    """Kendall τ-b of `pred` against `output_mean` within LLM × prompt set: overall and per prompt set."""
+    true, pred = rows["output_mean"].to_numpy(float), np.asarray(pred, dtype=float)
+    llm, sets = rows["llm"].to_numpy(), rows["prompt_set"].to_numpy()
+    by_set = {s: kendall_within_sets(true[sets == s], pred[sets == s], llm[sets == s]) for s in dict.fromkeys(sets)}
+    return {"kendall_tau_b": kendall_within_sets(true, pred, list(zip(llm, sets))), "tau_by_prompt_set": by_set}
 
 
 def order_llms(llms) -> list[str]:
@@ -143,6 +152,8 @@ def build_results(subsets: dict[str, pd.DataFrame], methods, llms, head_bin_size
                 scores = score_method(part, m, head_bin_size, max_tokens, bin_sizes)
                 if scores is not None:
                     entry[m] = scores
+            if "input_size" in part:  # what ordering by prompt length (a scheduling baseline) gets right
+                entry["prompt_length"] = ranking_scores(part, part["input_size"])
             for key, table in (("paper", PAPER_RESULTS), ("paper_prompt", PAPER_PROMPT_BASELINE)):
                 if llm in table.get(name, {}):
                     entry[key] = {**table[name][llm], "source": PAPER_CITATION}
@@ -247,11 +258,11 @@ def _beyond_md(per, methods, meta) -> str:
     return md_table(header, rows)
 
 
-def _per_set_md(per, methods) -> str:
-    sets = sorted({s for _, _, sc in _method_rows(per, methods) for s in sc["mae_by_prompt_set"]})
-    rows = [[_short(llm), METHODS[m]] + [fmt(sc["mae_by_prompt_set"].get(s), "mae") for s in sets]
+def _per_set_md(per, methods, key: str = "mae_by_prompt_set", kind: str = "mae", label: str = "MAE(mean)") -> str:
+    sets = sorted({s for _, _, sc in _method_rows(per, methods) for s in sc[key]})
+    rows = [[_short(llm), METHODS[m]] + [fmt(sc[key].get(s), kind) for s in sets]
             for llm, m, sc in _method_rows(per, methods)]
-    return md_table(["LLM", "Method"] + [f"MAE(mean) {s}" for s in sets], rows)
+    return md_table(["LLM", "Method"] + [f"{label} {s}" for s in sets], rows)
 
 
 def measured_methods(meta: dict) -> list[str]:
@@ -270,7 +281,8 @@ def render_subset(report: dict, name: str, level: int = 2, extra: bool = True) -
         out += [f"{h}# Noise floor (from the 10 samples per row)\n", _noise_md(per), "",
                 f"{h}# Ranking, calibration and reservation bound (beyond the paper)\n",
                 _beyond_md(per, measured, meta), "", f"{h}# MAE of the mean per prompt set\n",
-                _per_set_md(per, measured), ""]
+                _per_set_md(per, measured), "", f"{h}# Kendall τ-b per prompt set (within each LLM)\n",
+                _per_set_md(per, [*measured, "prompt_length"], "tau_by_prompt_set", "tau", "τ"), ""]
     return "\n".join(out)
 
 

@@ -151,9 +151,11 @@ _MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.f
 @pytest.mark.skipif(bool(_MISSING), reason=f"ONNX export/agreement needs {', '.join(_MISSING)} "
                     "(pip install onnx onnxscript onnxruntime)")
 def test_onnx_export_and_ort_predictor_agree_with_torch(model, tokenizer, tmp_path):
+    model.config.full_prompt_length, model.config.prompt_tail_tokens = True, 8  # PROMPTS[4] is past the cut
     folder = export_onnx(model, tokenizer, tmp_path / "onnx")
     ort_model = OnnxLenPred(folder, threads=1)
     assert ort_model.config.llm_names == model.config.llm_names
+    assert [i.name for i in ort_model.session.get_inputs()] == ["input_ids", "attention_mask", "prompt_length"]
     ref = model.predict(PROMPTS, tokenizer)
     for batch_size in (1, 3, 32):  # dynamic batch and sequence axes
         got = ort_model.predict(PROMPTS, batch_size=batch_size)
@@ -166,3 +168,12 @@ def test_onnx_export_and_ort_predictor_agree_with_torch(model, tokenizer, tmp_pa
     one = ort_model.predict("Answer briefly: what is the capital of France?", tokenizer, llms=[names[1]])
     torch.testing.assert_close(one.mean[0, 0], ref.mean[3, 1], rtol=1e-4, atol=1e-4)
     assert agreement(ref, ort_model.predict(PROMPTS))["passes"]
+
+
+@pytest.mark.skipif(bool(_MISSING), reason=f"ONNX export needs {', '.join(_MISSING)}")
+def test_onnx_graph_of_a_model_without_the_full_length_feature_has_no_length_input(model, tokenizer, tmp_path):
+    """Exports made before `full_prompt_length` (and models without it) keep the two-input graph."""
+    ort_model = OnnxLenPred(export_onnx(model, tokenizer, tmp_path / "onnx"), threads=1)
+    assert [i.name for i in ort_model.session.get_inputs()] == ["input_ids", "attention_mask"]
+    torch.testing.assert_close(ort_model.predict(PROMPTS).mean, model.predict(PROMPTS, tokenizer).mean,
+                               rtol=1e-4, atol=1e-4)

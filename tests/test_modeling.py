@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configuration_lenpred import LenPredConfig, bin_labels, make_bin_edges
-from modeling_lenpred import LenPredModel, lognormal_quantile, pairwise_rank_loss
+from modeling_lenpred import LenPredModel, lognormal_quantile, pairwise_rank_loss, tokenize_prompts
 
 NAN = float("nan")
 
@@ -36,6 +36,8 @@ def test_config_validates_and_resolves_llm_names():
         config.resolve_llm("gpt-4")
     with pytest.raises(ValueError, match="unique"):
         LenPredConfig(llm_names=["a", "a"])
+    with pytest.raises(ValueError, match="prompt_tail_tokens"):
+        LenPredConfig(max_length=64, prompt_tail_tokens=63)
     assert config.id2label[7] == "3500+"
 
 
@@ -151,6 +153,34 @@ def test_over_long_prompt_is_truncated_to_max_length(tiny_model, tokenizer):
     ids = tokenizer(long_prompt, truncation=True, max_length=tiny_model.config.max_length, return_tensors="pt")
     assert ids["input_ids"].shape[1] == tiny_model.config.max_length
     torch.testing.assert_close(pred.mean[0], tiny_model(**ids).mean[0], rtol=1e-4, atol=1e-4)
+
+
+LONG = " ".join(f"w{i}" for i in range(300))  # ≈ 600 encoder tokens, far past max_length 64
+
+
+def test_tokenize_prompts_keeps_head_and_tail_and_counts_the_whole_prompt(tiny_model, tokenizer):
+    prompts = ["a short prompt", LONG]
+    whole = tokenizer(prompts, verbose=False)["input_ids"]
+    ids, full = tokenize_prompts(tokenizer, prompts, tiny_model.config)
+    assert ids == tokenizer(prompts, truncation=True, max_length=64)["input_ids"]  # no tail: the tokenizer's own cut
+    assert full == [len(w) for w in whole] and full[1] > 500
+    tiny_model.config.prompt_tail_tokens = 16
+    ids, _ = tokenize_prompts(tokenizer, prompts, tiny_model.config)
+    assert ids[0] == whole[0]
+    assert len(ids[1]) == 64 and ids[1][:47] == whole[1][:47] and ids[1][47:] == whole[1][-17:]  # 16 + [SEP]
+
+
+def test_full_prompt_length_tells_apart_prompts_that_differ_past_the_cut(varied_model, tokenizer):
+    prompts = [LONG, LONG + " more" * 300]  # the same first 64 tokens
+    seen = varied_model.predict(prompts, tokenizer)
+    torch.testing.assert_close(seen.mean[0], seen.mean[1])  # the feature counts the 64 tokens the encoder sees
+    varied_model.config.full_prompt_length = True
+    full = varied_model.predict(prompts, tokenizer)
+    assert (full.mean[0] - full.mean[1]).abs().max() > 1e-3
+    enc = tokenizer(prompts[1:], truncation=True, max_length=64, return_tensors="pt")
+    _, lengths = tokenize_prompts(tokenizer, prompts[1:], varied_model.config)
+    out = varied_model(**enc, prompt_length=torch.tensor(lengths))  # forward and predict agree
+    torch.testing.assert_close(out.mean[0], full.mean[1], rtol=1e-4, atol=1e-4)
 
 
 def test_lognormal_quantile_matches_closed_form():

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy.stats import kendalltau
 
 from configuration_lenpred import make_bin_edges
 from lenpred.data import PAPER_LLMS
@@ -76,6 +77,9 @@ def test_score_method_cells_by_hand(scored):
     assert sc["coverage_1sigma"] == pytest.approx(inside.mean())
     by_set = {s: np.abs(t - p)[part["prompt_set"].to_numpy() == s].mean() for s in ("Mbpp", "DollyDataset")}
     assert sc["mae_by_prompt_set"] == pytest.approx(by_set)
+    tau = {s: kendalltau(t[m], p[m]).statistic for s in by_set for m in [part["prompt_set"].to_numpy() == s]}
+    assert sc["tau_by_prompt_set"] == pytest.approx(tau)
+    assert sc["kendall_tau_b"] == pytest.approx((tau["Mbpp"] * 5 + tau["DollyDataset"] * 5) / 10)
     # no bin or bound column: every size is mean-derived, no p99 accuracy, no bound coverage
     med = score_method(part, "median", head_bin_size=500)
     assert med["classification"]["500"]["source"] == "predicted mean"
@@ -104,6 +108,9 @@ def test_build_results_layout_and_published_figures(scored):
     assert "paper" not in res["in_distribution"][LLMS[1]]
     assert llama["noise_floor"]["n_rows"] == 10 and res["alpaca"][ALL_LLMS]["n_rows"] == 10
     assert res["in_distribution"][ALL_LLMS]["lenpred"]["n"] == 20
+    # ordering by prompt length is scored for ranking only; the fixture's constant input_size ranks nothing
+    assert res["in_distribution"][LLMS[1]]["prompt_length"] == {
+        "kendall_tau_b": 0.0, "tau_by_prompt_set": {"Mbpp": 0.0, "DollyDataset": 0.0}}
 
 
 def _numbers(obj):
@@ -135,6 +142,7 @@ def test_markdown_is_rendered_from_json(scored, tmp_path):
     report = json.loads(path.read_text())
     md = render_markdown(report)
     assert "python evaluate.py --model tiny" in md and "today" in md and "published, not measured here" in md
+    assert "Kendall τ-b per prompt set" in md and "| Prompt length (input_size; ranking only) |" in md
     assert_md_matches_json(md, report)
 
 
@@ -162,6 +170,10 @@ def test_card_model_index_matches_json(scored, tmp_path):
     assert "--scheduling-policy priority" in card and "2505.16881" in card
     written = write_cards(report, tmp_path / "a.md", None, tmp_path / "x" / "README.md")
     assert [p.name for p in written] == ["a.md", "README.md"] and (tmp_path / "x" / "README.md").read_text() == card
+    report["model_config"].update(max_length=256, prompt_tail_tokens=64, use_prompt_length=True,
+                                  full_prompt_length=True)
+    assert ("cut to their first 192 and last 64 tokens. The log of the prompt's length in encoder tokens is an "
+            "input too, counted before the cut.") in render_card(report)
 
 
 def test_unknown_placeholder_is_an_error(scored, tmp_path):

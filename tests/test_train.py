@@ -130,3 +130,9 @@ def test_probe_recipe_scores_dev_per_llama(tiny_encoder, castillo_dir, tmp_path)
     assert "meta-llama/Llama-3.2-1B-Instruct" in probe["dev"]
     config = json.loads((tmp_path / "probe" / "export" / "config.json").read_text())
     assert config["rank_loss_weight"] == 1.0
+    assert set(scores["tau_by_prompt_set"]) <= {"DollyDataset", "Mbpp"}  # Alpaca is never in the dev split
+    # --rescore scores the same export again without training: the same figures
+    ok(subprocess.run([sys.executable, str(script), "--out", "probe", "--rescore", "--", "--encoder", str(tiny_encoder),
+                       "--dataset", str(castillo_dir), *TINY], cwd=tmp_path, capture_output=True, text=True,
+                      timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["dev"] == probe["dev"]
