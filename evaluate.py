@@ -32,6 +32,7 @@ from lenpred.model_card import write_cards
 from lenpred.metrics import nominal_coverage
 from lenpred.report import (PAPER_CITATION, build_results, calibration_curve, order_llms, plot_figures,
                             render_markdown, write_json)
+from lenpred.scheduling import DEFAULT_LOADS
 from modeling_lenpred import lognormal_quantile
 
 __all__ = ["parse_args", "main", "select_prompts", "add_model_predictions", "add_reference_baselines",
@@ -60,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-timeout", type=float, default=60.0)
     p.add_argument("--no-simulate", dest="simulate", action="store_false",
                    help="skip the scheduling simulation on the test rows")
-    p.add_argument("--sim-loads", default="0.5,0.7,0.9,inf",
-                   help="loads (share of server capacity) to simulate; inf = a backlog, all requests queued at t = 0")
+    p.add_argument("--sim-loads", default=",".join(f"{x:g}" for x in DEFAULT_LOADS),
+                   help="loads (share of server capacity) to simulate; inf = a backlog, all requests queued at t = 0 "
+                        "(default: %(default)s)")
     p.add_argument("--sim-seeds", type=int, default=3, help="seeds per load (spread reported)")
     p.add_argument("--card-to-export", dest="card", action="store_true", default=True,
                    help="write the model card into the export as README.md (default)")
