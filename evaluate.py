@@ -257,12 +257,10 @@ def main(argv=None) -> dict:
     report["calibration_curve"] = {n: {m: calibration_curve(r, m) for m in methods} for n, r in subsets.items()
                                    if len(r)}
     state, report["training"] = training_summary(Path(args.model))
-    report["model_config"] = {k: getattr(config, k) for k in (
+    # a key that an older export's config lacks takes the class default, which is how that export behaves
+    report["model_config"] = {k: getattr(config, k, getattr(LenPredConfig, k)) for k in (
         "llm_names", "bin_size", "bin_edges", "end_dim", "head_hidden_dim", "dropout", "max_length",
-        "reservation_quantile", "llm_embedding_dim", "use_prompt_length")}
-    # absent from exports made before these options, which behaved as 0 / False
-    report["model_config"]["prompt_tail_tokens"] = getattr(config, "prompt_tail_tokens", 0)
-    report["model_config"]["full_prompt_length"] = getattr(config, "full_prompt_length", False)
+        "reservation_quantile", "llm_embedding_dim", "use_prompt_length", "prompt_tail_tokens", "full_prompt_length")}
     report["model_config"]["encoder_layers"] = config.encoder_config.get("num_hidden_layers")
     report["model_config"]["encoder_hidden_size"] = config.encoder_config.get("hidden_size")
     tick("scores", t0)

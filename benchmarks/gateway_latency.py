@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lenpred.inference import CPU_OPTIONS  # noqa: E402
+
 ANSWER = json.dumps({"id": "x", "object": "chat.completion", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 50, "completion_tokens": 120, "total_tokens": 170}}).encode()
@@ -77,7 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=200, help="timed rounds (one direct + one gateway request each)")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--backend", choices=("torch", "onnx", "int8", "onnx-int8"), default="torch",
+    ap.add_argument("--backend", choices=("torch", *CPU_OPTIONS), default="torch",
                     help="predictor: the fp32 torch fast path or a lenpred.fast CPU option (as `lenpred gateway`)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)

@@ -33,6 +33,7 @@ def _ensure_repo_on_path() -> None:
 
 
 def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from lenpred.inference import CPU_OPTIONS
     from lenpred.gateway import GatewayConfig
 
     d = GatewayConfig()
@@ -56,7 +57,7 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     ap.add_argument("--flag-fraction", type=float, default=d.flag_fraction, help="... or above this share of actual")
     ap.add_argument("--flag-rule", choices=("or", "and"), default=d.flag_rule,
                     help="flag when either threshold is exceeded (Cheng et al. as worded) or only when both are")
-    ap.add_argument("--backend", choices=("torch", "onnx", "int8", "onnx-int8"), default="torch",
+    ap.add_argument("--backend", choices=("torch", *CPU_OPTIONS), default="torch",
                     help="predictor: the fp32 torch fast path, or a lenpred.fast CPU option (python -m lenpred.fast "
                          "--check reports their agreement with fp32)")
     ap.add_argument("--device", help="torch device for the model (default: CPU)")

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from configuration_lenpred import LenPredConfig
+from lenpred.inference import CPU_OPTIONS
 from modeling_lenpred import LenPredPrediction, check_prompts, lognormal_quantile, tokenize_prompts
 
 __all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
-           "AGREEMENT_BAR", "onnxruntime_available", "check_agreement"]
+           "AGREEMENT_BAR", "CPU_OPTIONS", "build_option", "onnxruntime_available", "check_agreement"]
 
 #: The issue's bar for a CPU option against fp32 on the test prompts.
 AGREEMENT_BAR = {"max_rel_mean": 0.02, "median_rel_mean": 0.01, "bin_agreement": 0.99}
@@ -257,7 +258,7 @@ def build_option(name: str, model, tokenizer, workdir: str | Path, threads: int 
         if name == "onnx":
             return OnnxLenPred(fp32_dir, threads=threads)
         return OnnxLenPred(quantize_onnx_int8(fp32_dir, workdir / "onnx-int8"), threads=threads)
-    raise ValueError(f"unknown CPU option {name!r}; choose from int8, onnx, onnx-int8")
+    raise ValueError(f"unknown CPU option {name!r}; choose from {', '.join(CPU_OPTIONS)}")
 
 
 def check_agreement(model, tokenizer, prompts: Sequence[str], options: Sequence[str], workdir: str | Path,
@@ -283,8 +284,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Agreement of the CPU options (torch int8, ONNX Runtime fp32/int8) "
                                      "with the fp32 model on the CASTILLO test prompts (all LLMs each).")
     parser.add_argument("--model", required=True, help="a LenPred export folder")
-    parser.add_argument("--check", nargs="+", default=["int8", "onnx", "onnx-int8"],
-                        choices=["int8", "onnx", "onnx-int8"])
+    parser.add_argument("--check", nargs="+", default=list(CPU_OPTIONS), choices=CPU_OPTIONS)
     parser.add_argument("--limit", type=int, help="only the first N test prompts")
     parser.add_argument("--threads", type=int, help="torch / ORT intra-op threads")
     parser.add_argument("--workdir", help="where ONNX files go (default: a temporary folder)")

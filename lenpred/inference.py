@@ -17,9 +17,12 @@ import torch
 
 from lenpred.data import prompt_table
 
-__all__ = ["predict_rows", "PREDICTION_COLUMNS", "MicroBatcher"]
+__all__ = ["predict_rows", "PREDICTION_COLUMNS", "MicroBatcher", "CPU_OPTIONS"]
 
 PREDICTION_COLUMNS = ("pred_mean", "pred_std", "pred_bound", "pred_bin", "pred_bin_probs")
+#: The CPU options `lenpred.fast.build_option` makes; `--backend` adds "torch", the fp32 path. Kept here, not in
+#: `lenpred.fast` (which imports transformers), so that building the CLI's parsers stays quick.
+CPU_OPTIONS = ("int8", "onnx", "onnx-int8")
 
 
 def predict_rows(model, tokenizer, rows: pd.DataFrame, batch_size: int = 64, progress: bool = True,
