@@ -63,6 +63,9 @@ class LenPredConfig(PretrainedConfig):
         use_prompt_length (`bool`): feed `log1p(prompt tokens)` to the MLP (longer prompts, longer code answers).
         full_prompt_length (`bool`): count the prompt's tokens before truncation (passed as `prompt_length`), so the
             feature still tells a 300-token prompt from a 3,000-token one; `False` counts the tokens the encoder sees.
+        prompt_length_slope (`bool`): add a per-LLM slope times `log1p(prompt tokens)` straight to the predicted
+            `log1p(mean)`, beside the MLP (one scalar among ~290 MLP inputs is easily under-used; code answers grow
+            with the prompt). Needs `use_prompt_length`.
         bin_loss_weight, mean_loss_weight, std_loss_weight (`float`): weights of the three loss terms.
         rank_loss_weight (`float`): weight of a pairwise ranking loss on the predicted means of prompts in the same
             batch for the same LLM (what a shortest-first scheduler needs is the order, not only the value).
@@ -97,6 +100,7 @@ class LenPredConfig(PretrainedConfig):
     target_transform: str = "log1p"
     use_prompt_length: bool = True
     full_prompt_length: bool = False
+    prompt_length_slope: bool = False
     bin_loss_weight: float = 1.0
     mean_loss_weight: float = 1.0
     std_loss_weight: float = 0.5
@@ -122,6 +126,8 @@ class LenPredConfig(PretrainedConfig):
             raise ValueError(f"bin_edges must start at 0 and increase, got {self.bin_edges}")
         if not 0 <= self.prompt_tail_tokens <= self.max_length - 2:
             raise ValueError(f"prompt_tail_tokens must be in [0, max_length - 2], got {self.prompt_tail_tokens}")
+        if self.prompt_length_slope and not self.use_prompt_length:
+            raise ValueError("prompt_length_slope needs use_prompt_length=True")
         if self.target_transform != "log1p":
             raise ValueError(f"target_transform must be 'log1p', got {self.target_transform!r}")
         if not 0.5 <= self.reservation_quantile < 1.0:

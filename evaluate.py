@@ -184,7 +184,8 @@ def _notes(config, args, pool: pd.DataFrame, meta: dict) -> list[str]:
         "Labels: the bin of each row's sanitised `output_mean` (upstream degeneration rule applied); F1 is the "
         "support-weighted F1; accuracy in %.",
         (f"† LenPred's column at its trained bin size ({head} tokens) comes from the bin head's argmax; every "
-         "other column (and every baseline) is the bin of the predicted mean." if head else
+         "other column (and every baseline) is the bin of the predicted mean; the last column gives LenPred's "
+         f"accuracy at {head} with the bin of its predicted mean too (issue 3's definition of acc@500)." if head else
          "The bin head's edges differ from uniform bins, so every column is the bin of the predicted mean.")
         + f" Bins are uniform up to {config.bin_max_tokens} tokens, the last one open-ended.",
         f"p99-bin accuracy: the bin (size {config.bin_size}) of the predicted reservation bound vs the bin of the "

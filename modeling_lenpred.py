@@ -145,6 +145,9 @@ class LenPredPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.weight, -bound, bound)
                 init.zeros_(module.bias)
             return
+        if module is getattr(self, "length_slope", None):
+            init.zeros_(module.weight)
+            return
         super()._init_weights(module)
         if isinstance(module, BertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
@@ -169,6 +172,8 @@ class LenPredModel(LenPredPreTrainedModel):
         )
         self.bin_head = nn.Linear(config.head_hidden_dim, config.num_bins)
         self.length_head = nn.Linear(config.head_hidden_dim, 2)  # log1p(mean), log1p(std)
+        # Per-LLM slope of log1p(mean) in log1p(prompt tokens), starting at 0 (see `config.prompt_length_slope`).
+        self.length_slope = nn.Embedding(max(config.num_llms, 1), 1) if config.prompt_length_slope else None
         for layer in (self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head):
             layer._lenpred_head = True
         self.post_init()
@@ -215,6 +220,9 @@ class LenPredModel(LenPredPreTrainedModel):
         joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), self.llm_embedding(llm_ids)], dim=-1)
         hidden = self.mlp(joined)
         raw = self.length_head(hidden)
+        if self.length_slope is not None:  # the length feature is the prompt vector's last column, log1p/log(512)
+            slope = self.length_slope(llm_ids).squeeze(-1) * (prompt_vector[:, -1:] * math.log(512.0))
+            raw = torch.cat([raw[..., :1] + slope.unsqueeze(-1), raw[..., 1:]], dim=-1)
         # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
         log_mean, log_std = F.softplus(raw[..., 0]), F.softplus(raw[..., 1])
         return self.bin_head(hidden), log_mean, log_std

@@ -47,12 +47,14 @@ class ModelArguments:
     head_hidden_dim: int = 256
     llm_embedding_dim: int = 32
     dropout: float = 0.1
-    max_length: int = field(default=256, metadata={"help": "prompts are truncated to this many encoder tokens"})
+    max_length: int = field(default=192, metadata={"help": "prompts are truncated to this many encoder tokens"})
     prompt_tail_tokens: int | None = field(default=None, metadata={
         "help": "of a prompt longer than max_length, keep its last N tokens after the head (0: the head only; "
                 "default: half of max_length)"})
     full_prompt_length: bool = field(default=True, metadata={
         "help": "the length feature counts the prompt's tokens before truncation (else those the encoder sees)"})
+    prompt_length_slope: bool = field(default=False, metadata={
+        "help": "a per-LLM slope from log1p(prompt tokens) straight to log1p(mean), beside the MLP"})
     rank_loss_weight: float = field(default=0.0, metadata={
         "help": "weight of a pairwise ranking loss on the predicted means (same LLM, same batch)"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
@@ -68,12 +70,14 @@ class DataArguments:
     llms: str | None = field(default=None, metadata={
         "help": "comma-separated LLM ids to train for (default: all in the data; 'paper' = the three Llamas)"})
     dev_fraction: float = 0.1
+    split_seed: int | None = field(default=None, metadata={
+        "help": "seed of the dev split (default: --seed); fix it to compare training seeds on the same dev prompts"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only this many training prompts"})
     max_eval_prompts: int | None = field(default=None, metadata={"help": "use only this many dev/test prompts"})
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
 
 
-DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=3, learning_rate=5e-5, warmup_steps=0.06,
+DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=4, learning_rate=1e-4, warmup_steps=0.06,
                 per_device_train_batch_size=16, per_device_eval_batch_size=64, weight_decay=0.01,
                 eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=25,
                 train_sampling_strategy="random", seed=42, dataloader_drop_last=False)
@@ -96,6 +100,10 @@ def resolve_llms(spec: str | None, rows) -> list[str]:
     return wanted
 
 
+def split_seed(dargs: DataArguments, targs: TrainingArguments) -> int:
+    return targs.seed if dargs.split_seed is None else dargs.split_seed
+
+
 def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenPredModel:
     """A fresh model warm-started from the encoder, or an export extended with any LLMs new to it."""
     weights = {"both": (1.0, 1.0, 0.5), "classification": (1.0, 0.0, 0.0), "regression": (0.0, 1.0, 0.5)}
@@ -110,12 +118,14 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
                                   "mean_loss_weight": mean_w, "std_loss_weight": std_w,
                                   "rank_loss_weight": rank_w})
         model = LenPredModel(config)
-        state = old.state_dict()
-        table = model.llm_embedding.weight.detach().clone()
-        n_old = old.config.num_llms
-        table[:n_old] = state.pop("llm_embedding.weight")
-        table[n_old:] = table[:n_old].mean(0)  # a new LLM starts as the average known one
-        model.load_state_dict({**state, "llm_embedding.weight": table})
+        state, fresh, n_old = old.state_dict(), model.state_dict(), old.config.num_llms
+        for key in ("llm_embedding.weight", "length_slope.weight"):  # the per-LLM tables grow by the new LLMs
+            if key in state:
+                table = fresh[key].clone()
+                table[:n_old] = state[key]
+                table[n_old:] = table[:n_old].mean(0)  # a new LLM starts as the average known one
+                state[key] = table
+        model.load_state_dict(state)
         logger.info("continuing from %s; new LLMs: %s", margs.init_from, names[n_old:] or "none")
         return model
     model = LenPredModel.from_encoder(
@@ -124,8 +134,8 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         dropout=margs.dropout,
         max_length=margs.max_length,
         prompt_tail_tokens=margs.max_length // 2 if margs.prompt_tail_tokens is None else margs.prompt_tail_tokens,
-        full_prompt_length=margs.full_prompt_length, bin_loss_weight=bin_w, mean_loss_weight=mean_w,
-        std_loss_weight=std_w, rank_loss_weight=rank_w)
+        full_prompt_length=margs.full_prompt_length, prompt_length_slope=margs.prompt_length_slope,
+        bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w, rank_loss_weight=rank_w)
     # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.
     with torch.no_grad():
         typical = torch.tensor([np.log1p(train_rows["output_mean"]).median(),
@@ -187,7 +197,7 @@ def main(argv=None) -> dict:
 
     rows = load_castillo(dargs.dataset)
     llm_names = resolve_llms(dargs.llms, rows)
-    splits = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=targs.seed, llms=llm_names)
+    splits = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=split_seed(dargs, targs), llms=llm_names)
     logger.info("splits: %s", json.dumps(splits.summary()))
     model = build_model(margs, llm_names, splits.train)
     tokenizer = AutoTokenizer.from_pretrained(margs.init_from or margs.encoder)

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
@@ -47,14 +49,13 @@ def main(argv=None) -> dict:
     started = time.time()
     base = ["--output_dir", f"{args.out}/run", "--export_dir", f"{args.out}/export", "--num_train_epochs",
             str(args.epochs), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
-    if not args.rescore:
-        train.main(base + train_args)
-    model, tokenizer = load_export(f"{args.out}/export")
+    train_metrics = {} if args.rescore else train.main(base + train_args)["train"]
+    model, tokenizer = load_export(f"{args.out}/export", device="cuda" if torch.cuda.is_available() else None)
     _, dargs, targs = train.parse_args(base + train_args)  # the dev split exactly as train.py carved it
     rows = load_castillo(dargs.dataset)
-    dev = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=targs.seed,
+    dev = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=train.split_seed(dargs, targs),
                       llms=train.resolve_llms(dargs.llms, rows)).dev
-    result = {"train_args": train_args, "epochs": args.epochs,
+    result = {"train_args": train_args, "epochs": args.epochs, "train_runtime": train_metrics.get("train_runtime"),
               "dev": dev_scores(predict_rows(model, tokenizer, dev, progress=False)),
               "seconds": round(time.time() - started, 1)}
     Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))

@@ -112,6 +112,29 @@ def test_rank_loss_weight_adds_to_the_loss(tiny_model, tokenizer):
     assert tiny_model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
 
 
+def test_prompt_length_slope_adds_a_per_llm_term_to_the_log_mean(tiny_model, tokenizer, tmp_path):
+    """`prompt_length_slope`: starts at 0 (the same outputs as without it), then adds slope × log1p(prompt tokens) to
+    the pre-softplus log mean of its own LLM only; it survives save/load and needs the length feature."""
+    sloped = LenPredModel(LenPredConfig(**{**tiny_model.config.to_dict(), "prompt_length_slope": True})).eval()
+    missing = sloped.load_state_dict(tiny_model.state_dict(), strict=False).missing_keys
+    assert missing == ["length_slope.weight"] and sloped.length_slope.weight.abs().sum() == 0
+    enc = batch(tokenizer)
+    before = tiny_model(**enc)
+    torch.testing.assert_close(sloped(**enc).mean, before.mean)
+    with torch.no_grad():
+        sloped.length_slope.weight[1] = 0.5
+    after = sloped(**enc)
+    n_tokens = enc["attention_mask"].sum(-1).float()
+    raw = before.log_mean[:, 1] + torch.log(-torch.expm1(-before.log_mean[:, 1]))  # inverse softplus
+    torch.testing.assert_close(after.log_mean[:, 1], torch.nn.functional.softplus(raw + 0.5 * torch.log1p(n_tokens)))
+    torch.testing.assert_close(after.log_mean[:, [0, 2]], before.log_mean[:, [0, 2]])
+    torch.testing.assert_close(after.log_std, before.log_std)
+    sloped.save_pretrained(tmp_path)
+    torch.testing.assert_close(LenPredModel.from_pretrained(tmp_path).eval()(**enc).mean, after.mean)
+    with pytest.raises(ValueError, match="prompt_length_slope needs use_prompt_length"):
+        LenPredConfig(prompt_length_slope=True, use_prompt_length=False)
+
+
 def test_save_and_load_give_identical_outputs(tiny_model, tokenizer, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     loaded = LenPredModel.from_pretrained(tmp_path).eval()

@@ -67,6 +67,10 @@ def test_score_method_cells_by_hand(scored):
     assert sc["classification"]["500"]["accuracy"] == pytest.approx(np.mean(t // 500 == part["lenpred_bin"]))
     assert sc["classification"]["500"]["source"] == "bin head"
     assert sc["classification"]["100"]["source"] == "predicted mean"
+    # issue 3's acc@500 (bin of the predicted mean) is kept beside the bin head's; for other sizes they are one
+    assert sc["classification"]["500"]["accuracy_mean_bin"] == pytest.approx(np.mean(t // 500 == p // 500))
+    assert sc["classification"]["500"]["accuracy_mean_bin"] != sc["classification"]["500"]["accuracy"]
+    assert sc["classification"]["100"]["accuracy_mean_bin"] == sc["classification"]["100"]["accuracy"]
     sizes = np.stack(part["output_sizes"].to_numpy())
     p99 = np.percentile(sizes, 99, axis=1)
     edges = make_bin_edges(500)
@@ -143,6 +147,9 @@ def test_markdown_is_rendered_from_json(scored, tmp_path):
     md = render_markdown(report)
     assert "python evaluate.py --model tiny" in md and "today" in md and "published, not measured here" in md
     assert "Kendall τ-b per prompt set" in md and "| Prompt length (input_size; ranking only) |" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| {LLMS[1].split('/')[-1]} | LenPred"))
+    of_mean = report["results"]["in_distribution"][LLMS[1]]["lenpred"]["classification"]["500"]["accuracy_mean_bin"]
+    assert "Acc@500, bin of the mean (%)" in md and row.rstrip(" |").endswith(f"{100 * of_mean:.2f}")
     assert_md_matches_json(md, report)
 
 

@@ -78,8 +78,8 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_
 
 def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "base",
-              "--max_steps", "2", "--llms", "meta-llama/Llama-3.2-1B-Instruct,meta-llama/Llama-3.2-3B-Instruct"],
-             tmp_path))
+              "--max_steps", "2", "--llms", "meta-llama/Llama-3.2-1B-Instruct,meta-llama/Llama-3.2-3B-Instruct",
+              "--prompt_length_slope"], tmp_path))
     rows = [{"prompt_text": f"Question number {i}: explain {'everything' if i % 2 else 'briefly'}",
              "model": "new-org/New-LLM-2B", "output_sizes": [50 + 300 * (i % 2)]} for i in range(12)]
     log = tmp_path / "logs.jsonl"
@@ -92,7 +92,9 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(tmp_path / "adapted", trust_remote_code=True)
-    assert model.llm_embedding.weight.shape[0] == 3
+    assert model.llm_embedding.weight.shape[0] == 3 and model.length_slope.weight.shape == (3, 1)  # both tables grew
+    base = AutoModel.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    assert model.config.prompt_length_slope and base.length_slope.weight.abs().sum() > 0  # trained, then carried on
     pred = model.predict("Question number 99: explain everything", AutoTokenizer.from_pretrained(tmp_path / "adapted"),
                          llms="new-org/New-LLM-2B")
     assert pred.mean.shape == (1, 1) and torch.isfinite(pred.mean).all()
@@ -136,3 +138,53 @@ def test_probe_recipe_scores_dev_per_llama(tiny_encoder, castillo_dir, tmp_path)
                        "--dataset", str(castillo_dir), *TINY], cwd=tmp_path, capture_output=True, text=True,
                       timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["dev"] == probe["dev"]
+
+
+def test_split_seed_fixes_the_dev_split_across_training_seeds():
+    import train as train_module
+
+    _, dargs, targs = train_module.parse_args(["--output_dir", "run", "--seed", "3"])
+    assert train_module.split_seed(dargs, targs) == 3
+    _, dargs, targs = train_module.parse_args(["--output_dir", "run", "--seed", "3", "--split_seed", "42"])
+    assert train_module.split_seed(dargs, targs) == 42
+
+
+def search_recipes():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import search_recipes
+
+    return search_recipes
+
+
+def test_search_recipes_grid_errors_and_deadline(tmp_path):
+    search = search_recipes()
+    grid = tmp_path / "grid.txt"
+    grid.write_text("# comment\nbase\nrank  --rank_loss_weight 0.3  # trailing comment\n")
+    assert search.read_grid(grid) == [("base", []), ("rank", ["--rank_loss_weight", "0.3"])]
+    for bad in ("base\nbase --seed 1\n", "--seed 1\n", "# nothing\n"):
+        grid.write_text(bad)
+        with pytest.raises(ValueError, match="configuration"):
+            search.read_grid(grid)
+    grid.write_text("base\nrank --rank_loss_weight 0.3\n")
+    rows = search.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--deadline", "0"])
+    assert {row["name"]: row["status"] for row in rows} == {"base": "not started", "rank": "not started"}
+    assert "| rank |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_search_recipes_runs_configurations_side_by_side(tiny_encoder, castillo_dir, tmp_path):
+    """Two probes at once; a configuration that fails is reported as failed, not dropped."""
+    grid = tmp_path / "grid.txt"
+    grid.write_text("base\nslope --prompt_length_slope\nbroken --heads ranking\n")
+    common = " ".join(["--encoder", str(tiny_encoder), "--dataset", str(castillo_dir), *TINY])
+    result = ok(subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "search_recipes.py"), "--grid", str(grid), "--out", "out",
+         "--jobs", "2", "--epochs", "1", "--common", common], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
+    rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "summary.json").read_text())}
+    assert rows["base"]["status"] == rows["slope"]["status"] == "ok" and rows["broken"]["status"] == "exit 1"
+    for name in ("base", "slope"):
+        assert rows[name]["all mae"] > 0 and -1 <= rows[name]["all tau"] <= 1 and rows[name]["train_runtime"] > 0
+        assert rows[name]["Llama-3.2-1B mae"] > 0
+    assert json.loads((tmp_path / "out" / "slope" / "export" / "config.json").read_text())["prompt_length_slope"]
+    assert "--heads must be one of" in (tmp_path / "out" / "broken.log").read_text()
+    assert "| broken |" in result.stdout
