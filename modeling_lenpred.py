@@ -26,7 +26,8 @@ except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
 
 __all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput",
-           "LenPredPrediction", "check_prompts", "lognormal_quantile", "pairwise_rank_loss", "tokenize_prompts"]
+           "LenPredPrediction", "check_prompts", "lognormal_quantile", "pairwise_rank_loss", "predict_in_batches",
+           "tokenize_prompts"]
 
 
 @dataclass
@@ -99,6 +100,36 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], config: LenPredConfig,
             seq = seq[: max_length - tail] + (seq[-tail:] if tail else [])
         ids.append(seq)
     return ids, [len(seq) for seq in full]
+
+
+def predict_in_batches(config: LenPredConfig, tokenizer, prompts, llms, run_batch, batch_size: int = 32,
+                       max_length: int | None = None, progress: bool = False,
+                       desc: str = "predict") -> LenPredPrediction:
+    """The batching every backend shares: check the prompts, resolve the LLM names, tokenize (head + tail, whole
+    lengths), sort by length, pad each batch to its own longest prompt and call
+    `run_batch(input_ids, attention_mask, prompt_length, llm_ids)` → (bin probs, mean, std) CPU tensors of shape
+    (batch, len(llm_ids)[, num_bins]); then put the prompts back in their order."""
+    prompts = check_prompts(prompts)
+    names = config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
+    ids = [config.llm_index(config.resolve_llm(n)) for n in names]
+    names = [config.llm_names[i] for i in ids]
+    encoded, lengths = tokenize_prompts(tokenizer, prompts, config, max_length)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs = [None] * len(prompts)
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch")
+    for start in batches:
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+        rows = run_batch(batch["input_ids"], batch["attention_mask"], torch.tensor([lengths[i] for i in idx]), ids)
+        for i, row in zip(idx, zip(*rows)):
+            outputs[i] = row
+    probs, mean, std = (torch.stack(t) for t in zip(*outputs))
+    q = config.reservation_quantile
+    return LenPredPrediction(names, mean, std, lognormal_quantile(mean, std, q), probs, list(config.bin_edges), q)
 
 
 def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
@@ -312,37 +343,24 @@ class LenPredModel(LenPredPreTrainedModel):
         """Predict for every prompt and every requested LLM: no autograd, batches sorted by length with dynamic
         padding, one encoder pass per prompt. Prompts longer than `max_length` (default `config.max_length`)
         encoder tokens are truncated to it (see `tokenize_prompts`)."""
-        prompts = check_prompts(prompts)
-        names = self.config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
-        ids = torch.tensor([self.config.llm_index(self.config.resolve_llm(n)) for n in names], dtype=torch.long)
-        names = [self.config.llm_names[i] for i in ids]
-        encoded, lengths = tokenize_prompts(tokenizer, prompts, self.config, max_length)
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
         device = self.device
         was_training = self.training
         self.eval()
-        outputs = [None] * len(prompts)
-        batches = range(0, len(order), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="predict", unit="batch")
-        for start in batches:
-            idx = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        def run_batch(input_ids, attention_mask, prompt_length, llm_ids):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                full = torch.tensor([lengths[i] for i in idx], device=device)
-                vector = self.encode(batch["input_ids"], batch["attention_mask"], prompt_length=full)
-                logits, log_mean, log_std = self.heads(vector, ids.to(device).expand(len(idx), -1))
-            rows = zip(logits.float().softmax(-1).cpu(), torch.expm1(log_mean.float()).cpu(),
-                       torch.expm1(log_std.float()).cpu())
-            for i, row in zip(idx, rows):
-                outputs[i] = row
-        self.train(was_training)
-        probs, mean, std = (torch.stack(t) for t in zip(*outputs))
-        q = self.config.reservation_quantile
-        return LenPredPrediction(names, mean, std, lognormal_quantile(mean, std, q), probs,
-                                 list(self.config.bin_edges), q)
+                vector = self.encode(input_ids.to(device), attention_mask.to(device),
+                                     prompt_length=prompt_length.to(device))
+                ids = torch.tensor(llm_ids, device=device).expand(len(input_ids), -1)
+                logits, log_mean, log_std = self.heads(vector, ids)
+            return (logits.float().softmax(-1).cpu(), torch.expm1(log_mean.float()).cpu(),
+                    torch.expm1(log_std.float()).cpu())
+
+        try:
+            return predict_in_batches(self.config, tokenizer, prompts, llms, run_batch, batch_size, max_length,
+                                      progress)
+        finally:
+            self.train(was_training)
 
 
 class LenPredForSequenceClassification(LenPredModel):

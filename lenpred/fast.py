@@ -28,7 +28,7 @@ from torch import nn
 
 from configuration_lenpred import LenPredConfig
 from lenpred.inference import CPU_OPTIONS
-from modeling_lenpred import LenPredPrediction, check_prompts, lognormal_quantile, tokenize_prompts
+from modeling_lenpred import LenPredPrediction, predict_in_batches
 
 __all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
            "AGREEMENT_BAR", "CPU_OPTIONS", "build_option", "onnxruntime_available", "check_agreement"]
@@ -178,37 +178,12 @@ class OnnxLenPred:
     def predict(self, prompts, tokenizer=None, llms=None, batch_size: int = 32, max_length: int | None = None,
                 autocast_dtype=None, progress: bool = False) -> LenPredPrediction:
         """As `LenPredModel.predict`: length-sorted batches, dynamic padding, one pass per prompt for all LLMs."""
-        prompts = check_prompts(prompts)
-        tokenizer = tokenizer or self.tokenizer
-        c = self.config
-        names = c.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
-        ids = [c.llm_index(c.resolve_llm(n)) for n in names]
-        names = [c.llm_names[i] for i in ids]
-        encoded, lengths = tokenize_prompts(tokenizer, prompts, c, max_length)
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-        probs = np.empty((len(prompts), len(ids), c.num_bins), dtype=np.float32)
-        mean = np.empty((len(prompts), len(ids)), dtype=np.float32)
-        std = np.empty_like(mean)
-        batches = range(0, len(order), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        def run_batch(input_ids, attention_mask, prompt_length, llm_ids):
+            probs, mean, std = self.run(input_ids.numpy(), attention_mask.numpy(), prompt_length.numpy())
+            return tuple(torch.from_numpy(out[:, llm_ids]) for out in (probs, mean, std))
 
-            batches = tqdm(batches, desc="predict[onnx]", unit="batch")
-        pad = tokenizer.pad_token_id or 0
-        for start in batches:
-            idx = order[start: start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = np.full((len(idx), width), pad, dtype=np.int64)
-            mask = np.zeros((len(idx), width), dtype=np.int64)
-            for r, i in enumerate(idx):
-                input_ids[r, :len(encoded[i])] = encoded[i]
-                mask[r, :len(encoded[i])] = 1
-            p, m, s = self.run(input_ids, mask, np.array([lengths[i] for i in idx]))
-            probs[idx], mean[idx], std[idx] = p[:, ids], m[:, ids], s[:, ids]
-        mean_t, std_t = torch.from_numpy(mean), torch.from_numpy(std)
-        q = c.reservation_quantile
-        return LenPredPrediction(names, mean_t, std_t, lognormal_quantile(mean_t, std_t, q), torch.from_numpy(probs),
-                              list(c.bin_edges), q)
+        return predict_in_batches(self.config, tokenizer or self.tokenizer, prompts, llms, run_batch, batch_size,
+                                  max_length, progress, desc="predict[onnx]")
 
 
 # -- agreement ----------------------------------------------------------------------------------------------------
