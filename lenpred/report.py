@@ -35,32 +35,27 @@ PAPER_CITATION = ("\"Proactive Inference Scheduling via Output Length Prediction
                   "here names no authors), Tables 2-5")
 
 
-def _paper_table(rows: dict) -> dict:
-    """{short llm: (acc%, f1, …)} → {full id: {"classification": {size: {accuracy, f1}}}} (accuracy as fraction)."""
+def _paper_table(classification: dict, regression: dict) -> dict:
+    """{short llm: (acc%, f1, …)} and {short llm: (mse, mae of mean, mse, mae of std)} → {full id: scores}."""
     ids = {"llama-1B": PAPER_LLMS[0], "llama-3B": PAPER_LLMS[1], "llama-8B": PAPER_LLMS[2]}
     return {ids[k]: {"classification": {str(s): {"accuracy": v[2 * i] / 100, "f1": v[2 * i + 1]}
-                                        for i, s in enumerate(PAPER_BIN_SIZES)}} for k, v in rows.items()}
-
-
-def _with_regression(table: dict, rows: dict) -> dict:
-    ids = {"llama-1B": PAPER_LLMS[0], "llama-3B": PAPER_LLMS[1], "llama-8B": PAPER_LLMS[2]}
-    for k, (mse_m, mae_m, mse_s, mae_s) in rows.items():
-        table[ids[k]]["regression"] = {"mse_mean": mse_m, "mae_mean": mae_m, "mse_std": mse_s, "mae_std": mae_s}
-    return table
+                                        for i, s in enumerate(PAPER_BIN_SIZES)},
+                     "regression": dict(zip(("mse_mean", "mae_mean", "mse_std", "mae_std"), regression[k]))}
+            for k, v in classification.items()}
 
 
 #: The paper's Tables 2-5 (in distribution = test split without Alpaca; alpaca = generalisation), verbatim.
 PAPER_RESULTS = {
-    "in_distribution": _with_regression(_paper_table({
+    "in_distribution": _paper_table({
         "llama-1B": (16.81, 0.164, 31.21, 0.305, 50.66, 0.499, 68.90, 0.679, 89.78, 0.8844),
         "llama-3B": (19.23, 0.187, 33.63, 0.335, 50.55, 0.505, 72.64, 0.720, 92.19, 0.9099),
-        "llama-8B": (16.15, 0.151, 28.35, 0.280, 49.12, 0.484, 67.25, 0.667, 91.86, 0.9020)}), {
+        "llama-8B": (16.15, 0.151, 28.35, 0.280, 49.12, 0.484, 67.25, 0.667, 91.86, 0.9020)}, {
         "llama-1B": (75378.30, 121.02, 108624.30, 80.84), "llama-3B": (45735.30, 119.18, 28182.20, 54.68),
         "llama-8B": (82152.72, 128.28, 19193.33, 51.60)}),
-    "alpaca": _with_regression(_paper_table({
+    "alpaca": _paper_table({
         "llama-1B": (10.00, 0.094, 17.70, 0.164, 35.45, 0.361, 71.50, 0.714, 93.60, 0.927),
         "llama-3B": (13.35, 0.135, 24.35, 0.254, 41.65, 0.435, 74.50, 0.747, 96.55, 0.952),
-        "llama-8B": (11.50, 0.105, 21.75, 0.215, 34.80, 0.354, 75.45, 0.756, 94.55, 0.943)}), {
+        "llama-8B": (11.50, 0.105, 21.75, 0.215, 34.80, 0.354, 75.45, 0.756, 94.55, 0.943)}, {
         "llama-1B": (70542.27, 163.87, 48814.96, 70.78), "llama-3B": (73246.13, 164.94, 16033.02, 53.45),
         "llama-8B": (78596.34, 175.10, 21076.86, 52.87)}),
 }
