@@ -80,6 +80,10 @@ def check_prompts(prompts) -> list[str]:
     return list(items)
 
 
+#: The length feature is log1p(prompt tokens) / this, about 1 for a 512-token prompt; the slope term undoes it.
+LENGTH_FEATURE_SCALE = math.log(512.0)
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[str], config: LenPredConfig,
                      max_length: int | None = None) -> tuple[list[list[int]], list[int]]:
     """Encoder ids of each prompt and its full length in encoder tokens (special tokens included).
@@ -242,7 +246,7 @@ class LenPredModel(LenPredPreTrainedModel):
         if self.config.use_prompt_length:
             n_tokens = (prompt_length if prompt_length is not None and self.config.full_prompt_length
                         else attention_mask.sum(-1)).reshape(-1, 1).to(vector.dtype)
-            vector = torch.cat([vector, torch.log1p(n_tokens) / math.log(512.0)], dim=-1)
+            vector = torch.cat([vector, torch.log1p(n_tokens) / LENGTH_FEATURE_SCALE], dim=-1)
         return vector
 
     def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor):
@@ -251,8 +255,8 @@ class LenPredModel(LenPredPreTrainedModel):
         joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), self.llm_embedding(llm_ids)], dim=-1)
         hidden = self.mlp(joined)
         raw = self.length_head(hidden)
-        if self.length_slope is not None:  # the length feature is the prompt vector's last column, log1p/log(512)
-            slope = self.length_slope(llm_ids).squeeze(-1) * (prompt_vector[:, -1:] * math.log(512.0))
+        if self.length_slope is not None:  # the length feature is the prompt vector's last column (see `encode`)
+            slope = self.length_slope(llm_ids).squeeze(-1) * (prompt_vector[:, -1:] * LENGTH_FEATURE_SCALE)
             raw = torch.cat([raw[..., :1] + slope.unsqueeze(-1), raw[..., 1:]], dim=-1)
         # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
         log_mean, log_std = F.softplus(raw[..., 0]), F.softplus(raw[..., 1])

@@ -131,8 +131,7 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
     model = LenPredModel.from_encoder(
         margs.encoder, num_layers=margs.encoder_layers, llm_names=llm_names, bin_size=margs.bin_size,
         end_dim=margs.end_dim, head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim,
-        dropout=margs.dropout,
-        max_length=margs.max_length,
+        dropout=margs.dropout, max_length=margs.max_length,
         prompt_tail_tokens=margs.max_length // 2 if margs.prompt_tail_tokens is None else margs.prompt_tail_tokens,
         full_prompt_length=margs.full_prompt_length, prompt_length_slope=margs.prompt_length_slope,
         bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w, rank_loss_weight=rank_w)

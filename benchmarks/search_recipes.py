@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lenpred.report import md_table  # noqa: E402
+
 PROBE = Path(__file__).resolve().with_name("probe_recipe.py")
 LLAMAS = ("Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.1-8B")
 
@@ -63,11 +67,17 @@ def markdown(rows: list[dict]) -> str:
     cols += ["train_runtime", "status", "args"]
 
     def cell(v):
-        return "" if v is None else f"{v:.3f}" if isinstance(v, float) and abs(v) < 10 else (
-            f"{v:.1f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in cols) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return "" if v is None else str(v)
+    return md_table(cols, [[cell(row.get(c)) for c in cols] for row in rows]) + "\n"
+
+
+def write_summary(out: Path, results: dict[str, dict]) -> list[dict]:
+    rows = summarise(results)
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.md").write_text(markdown(rows))
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -97,12 +107,12 @@ def main(argv=None) -> list[dict]:
         proc, log, t0 = running.pop(name)
         log.close()
         probe = out / name / "probe.json"
-        result = json.loads(probe.read_text()) if status == "ok" and probe.exists() else {}
-        results[name] = {**result, "status": status if result or status != "ok" else "failed",
-                         "seconds": round(time.time() - t0, 1), "train_args": dict(configs)[name]}
-        rows = summarise(results)
-        (out / "summary.json").write_text(json.dumps(rows, indent=1))
-        (out / "summary.md").write_text(markdown(rows))
+        if status == "ok" and not probe.exists():  # exited cleanly without scores
+            status = "failed"
+        result = json.loads(probe.read_text()) if status == "ok" else {}
+        results[name] = {**result, "status": status, "seconds": round(time.time() - t0, 1),
+                         "train_args": dict(configs)[name]}
+        write_summary(out, results)
         print(f"[{time.time() - started:6.0f} s] {results[name]['status']} {name}", flush=True)
 
     solo = True  # the first configuration runs alone
@@ -122,9 +132,7 @@ def main(argv=None) -> list[dict]:
         while pending and len(running) < (1 if solo else args.jobs):
             launch(*pending.pop(0))
         time.sleep(1)
-    rows = summarise(results)
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    (out / "summary.md").write_text(markdown(rows))
+    rows = write_summary(out, results)
     print(markdown(rows))
     return rows
 

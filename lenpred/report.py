@@ -88,13 +88,12 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
     out: dict = {"n": int(len(rows)), "classification": {}}
     for size in bin_sizes:
         use_head = size == head_bin_size and f"{method}_bin" in rows
-        of_mean = bin_index(np.clip(pred, 0, None), make_bin_edges(size, max_tokens))
-        scores = classification_scores(true, rows[f"{method}_bin"].to_numpy(int) if use_head else of_mean, size,
-                                       max_tokens)
+        of_mean = classification_scores(true, bin_index(np.clip(pred, 0, None), make_bin_edges(size, max_tokens)),
+                                        size, max_tokens)
+        scores = classification_scores(true, rows[f"{method}_bin"].to_numpy(int), size, max_tokens) if use_head \
+            else of_mean
         out["classification"][str(size)] = {  # issue 3 defines acc@500 by the bin of the predicted mean
-            **scores, "source": "bin head" if use_head else "predicted mean",
-            "accuracy_mean_bin": classification_scores(true, of_mean, size, max_tokens)["accuracy"] if use_head
-            else scores["accuracy"]}
+            **scores, "source": "bin head" if use_head else "predicted mean", "accuracy_mean_bin": of_mean["accuracy"]}
     std = rows[f"{method}_std"].to_numpy(float) if f"{method}_std" in rows else np.full(len(rows), np.nan)
     bound = rows[f"{method}_bound"].to_numpy(float) if f"{method}_bound" in rows else None
     reg = {f"{k}_mean": v for k, v in regression_scores(true, pred).items()}
