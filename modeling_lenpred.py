@@ -281,6 +281,7 @@ class LenPredModel(LenPredPreTrainedModel):
         labels_mean: torch.Tensor | None = None,
         labels_std: torch.Tensor | None = None,
         prompt_length: torch.Tensor | None = None,
+        prompt_weight: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LenPredOutput:
@@ -292,20 +293,24 @@ class LenPredModel(LenPredPreTrainedModel):
             prompt, or a single observed length that has no std), which the loss ignores.
         prompt_length (`torch.LongTensor` of shape `(batch,)`, *optional*):
             Each prompt's length in encoder tokens before truncation, from `tokenize_prompts`.
+        prompt_weight (`torch.FloatTensor` of shape `(batch,)`, *optional*):
+            Training only: how much each prompt's labels count in the loss (e.g. to balance prompt sets).
         """
         ids, squeeze = self._llm_ids(llm_ids, input_ids.shape[0], input_ids.device)
         vector = self.encode(input_ids, attention_mask, token_type_ids, prompt_length)
         bin_logits, log_mean, log_std = self.heads(vector, ids)
         loss = None
         if labels_mean is not None or labels_std is not None:
-            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape)
+            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape, prompt_weight)
         if squeeze:
             bin_logits, log_mean, log_std = bin_logits[:, 0], log_mean[:, 0], log_std[:, 0]
         return LenPredOutput(loss=loss, bin_logits=bin_logits, mean=torch.expm1(log_mean), std=torch.expm1(log_std),
                              log_mean=log_mean, log_std=log_std)
 
-    def loss(self, bin_logits, log_mean, log_std, labels_mean, labels_std, shape) -> torch.Tensor:
-        """Cross-entropy over bins + L1 on log1p(mean) and log1p(std), each averaged over present labels.
+    def loss(self, bin_logits, log_mean, log_std, labels_mean, labels_std, shape,
+             prompt_weight=None) -> torch.Tensor:
+        """Cross-entropy over bins + L1 on log1p(mean) and log1p(std), each averaged over present labels (weighted
+        by `prompt_weight` when given).
 
         L1 in log space estimates the conditional median, which is what minimises the MAE the paper reports (the
         median is unchanged by the log); squared or smooth-L1 losses estimate the mean of the log, which lengths'
@@ -313,6 +318,14 @@ class LenPredModel(LenPredPreTrainedModel):
         predictor's own error with the answers' spread; here the std head is supervised by the answers' own spread.
         """
         c = self.config
+        weight = None if prompt_weight is None else prompt_weight.to(log_mean.dtype).reshape(-1, 1).expand(shape)
+
+        def average(values, present):  # plain or prompt-weighted mean over the present labels
+            if weight is None:
+                return values.mean()
+            w = weight[present]
+            return (values * w).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
+
         total = bin_logits.sum() * 0.0  # keeps the graph when a batch has no labels at all
         if labels_mean is not None:
             target = labels_mean.to(log_mean.dtype).reshape(shape)
@@ -321,15 +334,18 @@ class LenPredModel(LenPredPreTrainedModel):
                 tokens = target[present]
                 edges = torch.tensor(c.bin_edges[1:], device=tokens.device, dtype=tokens.dtype)
                 bins = torch.bucketize(tokens, edges, right=True)
-                total = total + c.bin_loss_weight * F.cross_entropy(bin_logits[present], bins)
-                total = total + c.mean_loss_weight * F.l1_loss(log_mean[present], torch.log1p(tokens))
+                total = total + c.bin_loss_weight * average(
+                    F.cross_entropy(bin_logits[present], bins, reduction="none"), present)
+                total = total + c.mean_loss_weight * average(
+                    F.l1_loss(log_mean[present], torch.log1p(tokens), reduction="none"), present)
                 if c.rank_loss_weight:
                     total = total + c.rank_loss_weight * pairwise_rank_loss(log_mean, torch.log1p(target))
         if labels_std is not None:
             target = labels_std.to(log_std.dtype).reshape(shape)
             present = ~torch.isnan(target)
             if present.any():
-                total = total + c.std_loss_weight * F.l1_loss(log_std[present], torch.log1p(target[present]))
+                total = total + c.std_loss_weight * average(
+                    F.l1_loss(log_std[present], torch.log1p(target[present]), reduction="none"), present)
         return total
 
     # -- the one fast prediction path ---------------------------------------------------------------------------

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from transformers import (AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments,
                           set_seed)
+from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_lenpred import LenPredConfig
-from lenpred.data import PAPER_LLMS, group_by_prompt, load_castillo, make_splits
+from lenpred.averaging import WeightAverages
+from lenpred.data import PAPER_LLMS, group_by_prompt, load_castillo, make_splits, prompt_set_weights
 from lenpred.hub import default_encoder_path, export_model, load_export
 from lenpred.metrics import classification_scores, regression_scores
 from modeling_lenpred import LenPredModel, tokenize_prompts
@@ -59,7 +61,14 @@ class ModelArguments:
         "help": "weight of a pairwise ranking loss on the predicted means (same LLM, same batch)"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
     keep_best: bool = field(default=True, metadata={
-        "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match)"})
+        "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match; "
+                "ignored with --ema_decay)"})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "export an exponential moving average of the weights with this decay per step (0: the last or "
+                "best checkpoint's weights)"})
+    ema_probe_decays: str | None = field(default=None, metadata={
+        "help": "comma-separated decays whose averages are also kept and written to output_dir as "
+                "ema-<decay>.safetensors, to compare them in one run"})
 
 
 @dataclass
@@ -72,6 +81,9 @@ class DataArguments:
     dev_fraction: float = 0.1
     split_seed: int | None = field(default=None, metadata={
         "help": "seed of the dev split (default: --seed); fix it to compare training seeds on the same dev prompts"})
+    prompt_set_balance: float = field(default=0.0, metadata={
+        "help": "weight training prompts by (their prompt set's share)^-B in the loss: 0 = the data's own mix, "
+                "1 = every prompt set counts the same"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only this many training prompts"})
     max_eval_prompts: int | None = field(default=None, metadata={"help": "use only this many dev/test prompts"})
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
@@ -143,13 +155,25 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
     return model
 
 
+def weight_averages(margs: ModelArguments, targs: TrainingArguments) -> WeightAverages | None:
+    """The moving averages to keep: `--ema_decay` (exported) and `--ema_probe_decays` (written for comparison)."""
+    decays = [margs.ema_decay] if margs.ema_decay else []
+    decays += [float(d) for d in (margs.ema_probe_decays or "").split(",") if d.strip()]
+    if not decays:
+        return None
+    resume = targs.resume_from_checkpoint
+    if resume and not Path(resume).is_dir():  # `True`: the run folder's last checkpoint, as the Trainer reads it
+        resume = get_last_checkpoint(targs.output_dir)
+    return WeightAverages(dict.fromkeys(decays), resume_from=resume)
+
+
 def tokenized(dataset, tokenizer, config: LenPredConfig):
     def encode(batch):
         ids, full = tokenize_prompts(tokenizer, batch["prompt_text"], config)
         return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "length": [len(i) for i in ids],
                 "prompt_length": full}
 
-    keep = {"labels_mean", "labels_std"}
+    keep = {"labels_mean", "labels_std", "prompt_weight"}
     return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
                        desc="tokenizing")
 
@@ -202,28 +226,37 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(margs.init_from or margs.encoder)
     names = model.config.llm_names
 
-    def prepare(frame, limit):
+    def prepare(frame, limit, balance=0.0):
         ds = group_by_prompt(frame, names)
         if limit:
             ds = ds.shuffle(seed=targs.seed).select(range(min(limit, len(ds))))
+        if balance:
+            ds = ds.add_column("prompt_weight", prompt_set_weights(ds["prompt_set"], balance).tolist())
         return tokenized(ds, tokenizer, model.config)
 
-    train_ds = prepare(splits.train, dargs.max_train_prompts)
+    train_ds = prepare(splits.train, dargs.max_train_prompts, dargs.prompt_set_balance)
     dev_ds = prepare(splits.dev, dargs.max_eval_prompts) if len(splits.dev) else None
     test_ds = prepare(splits.test, dargs.max_eval_prompts) if len(splits.test) else None
     if dev_ds is None:
         targs.eval_strategy = "no"
-    if margs.keep_best and targs.eval_strategy == targs.save_strategy != "no" and not targs.load_best_model_at_end:
+    averages = weight_averages(margs, targs)
+    keep_best = margs.keep_best and not margs.ema_decay and not targs.load_best_model_at_end
+    if keep_best and targs.eval_strategy == targs.save_strategy != "no":
         targs.load_best_model_at_end, targs.metric_for_best_model, targs.greater_is_better = True, "mean_mae", False
     targs.label_names = ["labels_mean", "labels_std"]
 
     trainer = LenPredTrainer(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics(model.config),
-        head_learning_rate=margs.head_learning_rate,
+        head_learning_rate=margs.head_learning_rate, callbacks=[averages] if averages else None,
     )
     result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_state()
+    if averages:
+        if trainer.is_world_process_zero():
+            averages.save(targs.output_dir)
+        if margs.ema_decay:
+            averages.apply(trainer.model, margs.ema_decay)
     metrics = {"train": result.metrics}
     for name, ds in (("dev", dev_ds), ("test", test_ds)):
         if ds is not None:

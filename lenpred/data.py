@@ -20,7 +20,7 @@ import pandas as pd
 
 __all__ = ["CASTILLO_HUB_ID", "PROMPT_SETS", "HELD_OUT_PROMPT_SET", "PAPER_LLMS", "LOCAL_CASTILLO",
            "COLUMNS", "SPLITS", "Splits", "default_dataset_source", "load_rows", "validate_rows",
-           "sanitize", "load_castillo", "make_splits", "group_by_prompt", "prompt_table"]
+           "sanitize", "load_castillo", "make_splits", "group_by_prompt", "prompt_set_weights", "prompt_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -402,6 +402,23 @@ def group_by_prompt(rows: pd.DataFrame, llm_names: Sequence[str]):
     return datasets.Dataset.from_dict(out, features=datasets.Features(
         {"prompt_id": text, "prompt_text": text, "prompt_set": text,
          "labels_mean": vec, "labels_std": vec}))
+
+
+def prompt_set_weights(prompt_sets: Sequence[str], balance: float) -> np.ndarray:
+    """Per-prompt loss weights ∝ (share of the prompt's set)^-balance, with mean 1.
+
+    0 keeps the data's own mix; 1 makes every prompt set weigh the same. The shipped pool lacks most of upstream's
+    Dolly, ShareGPT and APPS training prompts (see the data README), so its mix is not the one the sets were
+    sampled in.
+    """
+    if balance < 0:
+        raise ValueError(f"prompt-set balance must be ≥ 0, got {balance}")
+    sets = pd.Series(list(prompt_sets), dtype=object)
+    if sets.empty:
+        return np.ones(0)
+    share = sets.map(sets.value_counts(normalize=True)).to_numpy(float)
+    weight = share ** -balance
+    return weight / weight.mean()
 
 
 def prompt_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -190,6 +190,17 @@ def test_group_by_prompt_masks_missing_llms():
     assert pooled[0]["labels_mean"] == [4.0]  # repeated ⟨prompt, LLM⟩ rows are pooled
 
 
+def test_prompt_set_weights_balance_the_sets():
+    sets = ["a", "a", "a", "b"]
+    np.testing.assert_allclose(D.prompt_set_weights(sets, 0.0), [1, 1, 1, 1])
+    w = D.prompt_set_weights(sets, 1.0)
+    assert w.mean() == pytest.approx(1.0) and w[:3].sum() == pytest.approx(w[3])  # each set weighs the same
+    half = D.prompt_set_weights(sets, 0.5)
+    assert 1 < half[3] / half[0] < w[3] / w[0]
+    with pytest.raises(ValueError, match="balance must be"):
+        D.prompt_set_weights(sets, -1.0)
+
+
 def test_prompt_table_first_seen_order():
     rows = pd.DataFrame({"prompt_id": ["b", "a", "b"], "prompt_text": ["B", "A", "B"],
                          "prompt_set": ["x", "y", "x"], "llm": [A, A, B]})

@@ -89,6 +89,18 @@ def test_masked_labels_do_not_count(tiny_model, tokenizer):
     assert nothing.loss.item() == 0.0
 
 
+def test_prompt_weight_scales_each_prompts_share_of_the_loss(tiny_model, tokenizer):
+    enc = batch(tokenizer)
+    labels = dict(labels_mean=torch.tensor([[120.0, NAN, 40.0], [900.0, 300.0, 30.0]]),
+                  labels_std=torch.tensor([[10.0, NAN, 5.0], [200.0, 20.0, 3.0]]))
+    plain = tiny_model(**enc, **labels).loss
+    torch.testing.assert_close(tiny_model(**enc, **labels, prompt_weight=torch.tensor([2.0, 2.0])).loss, plain)
+    # weight 0 on the second prompt: the loss of the first prompt alone
+    first = {k: v[:1] for k, v in enc.items()}
+    alone = tiny_model(**first, labels_mean=labels["labels_mean"][:1], labels_std=labels["labels_std"][:1]).loss
+    torch.testing.assert_close(tiny_model(**enc, **labels, prompt_weight=torch.tensor([1.0, 0.0])).loss, alone)
+
+
 def test_rank_loss_counts_only_ordered_pairs_of_the_same_llm():
     targets = torch.log1p(torch.tensor([[100.0, 50.0], [400.0, NAN], [105.0, 800.0]]))
     right = pairwise_rank_loss(targets, targets)

@@ -60,9 +60,11 @@ def test_two_process_ddp_on_cpu(tiny_encoder, castillo_dir, tmp_path):
     assert AutoModel.from_pretrained(tmp_path / "export", trust_remote_code=True).config.model_type == "lenpred"
 
 
-def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.5"]], ids=["last-weights", "moving-average"])
+def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_dir, tmp_path, extra):
+    """With --ema_decay the average travels in the checkpoint, so the resumed export is the same average."""
     common = ["--encoder", tiny_encoder, "--dataset", castillo_dir, "--max_steps", "6", "--save_strategy", "steps",
-              "--save_steps", "3", "--eval_strategy", "no", "--seed", "7"]
+              "--save_steps", "3", "--eval_strategy", "no", "--seed", "7", *extra]
     ok(train([*common, "--output_dir", "full", "--export_dir", "full_export"], tmp_path))
     ok(train([*common, "--output_dir", "stopped", "--export_dir", "stopped_export"], tmp_path))
     # What a run stopped after step 3 leaves behind: only its step-3 checkpoint.
@@ -100,9 +102,69 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     assert pred.mean.shape == (1, 1) and torch.isfinite(pred.mean).all()
 
 
+def test_ema_decay_and_prompt_set_balance(tiny_encoder, castillo_dir, tmp_path):
+    """The export under --ema_decay is the average the run wrote beside its checkpoints, not the last step's
+    weights; --ema_probe_decays keeps further averages without changing what is exported; --prompt_set_balance
+    changes the training."""
+    common = ["--encoder", tiny_encoder, "--dataset", castillo_dir, "--max_steps", "5", "--save_strategy", "no",
+              "--eval_strategy", "no", "--seed", "3", "--learning_rate", "1e-2", "--max_train_prompts", "13",
+              "--prompt_set_balance", "1"]
+    ok(train([*common, "--output_dir", "plain", "--export_dir", "plain_export", "--ema_probe_decays", "0.6"],
+             tmp_path))
+    ok(train([*common, "--output_dir", "avg", "--export_dir", "avg_export", "--ema_decay", "0.6"], tmp_path))
+    plain = load_file(tmp_path / "plain_export" / "model.safetensors")
+    average = load_file(tmp_path / "avg_export" / "model.safetensors")
+    written = load_file(tmp_path / "plain" / "ema-0.6.safetensors")
+    assert set(written) <= set(average)
+    for key in written:
+        torch.testing.assert_close(average[key], written[key], rtol=1e-5, atol=1e-6, msg=key)  # same trajectory
+    assert any(not torch.allclose(plain[k], average[k]) for k in written)  # the probe did not change the export
+    # benchmarks/score_export.py scores the export and, loaded into it, the average the run wrote
+    out = tmp_path / "scores.json"
+    ok(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
+                       "--averages", "plain", "--dataset", str(castillo_dir), "--split-seed", "3", "--json", str(out)],
+                      cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                      env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"export", "ema-0.6"} and set(scores["export"]) == {"dev", "test", "Alpaca"}
+    assert scores["export"]["test"]["all"]["mae"] != scores["ema-0.6"]["test"]["all"]["mae"]
+    # the prompt-set weights reach the loss: same steps without them, other weights
+    ok(train([*common, "--output_dir", "mix", "--export_dir", "mix_export", "--prompt_set_balance", "0"], tmp_path))
+    unweighted = load_file(tmp_path / "mix_export" / "model.safetensors")
+    assert any(not torch.allclose(plain[k], unweighted[k]) for k in written)
+
+
+def test_weight_averages_follow_the_ema_formula():
+    from lenpred.averaging import WeightAverages
+
+    model = torch.nn.Linear(2, 1)
+    callback = WeightAverages([0.5])
+
+    class State:
+        global_step = 0
+
+    callback.on_train_begin(None, State, None, model=model)
+    expected = model.weight.detach().clone()
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        State.global_step = step
+        callback.on_step_end(None, State, None, model=model)
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+    callback.apply(model, 0.5)
+    torch.testing.assert_close(model.weight.detach(), expected)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        WeightAverages([1.0])
+    with pytest.raises(ValueError, match="no moving average"):
+        callback.apply(model, 0.9)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--llms", "no-such/llm"], "absent from the data"),
     (["--heads", "ranking"], "--heads must be one of"),
+    (["--ema_decay", "1.5"], "strictly between 0 and 1"),
+    (["--prompt_set_balance", "-1"], "balance must be"),
 ])
 def test_bad_arguments_fail_clearly(tiny_encoder, castillo_dir, tmp_path, args, message):
     result = train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", *args], tmp_path)

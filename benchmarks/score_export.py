@@ -1,0 +1,69 @@
+"""Score an export quickly on the dev split, the test split (six training prompt sets) and Alpaca: MAE, acc@500 by
+the bin of the predicted mean and Kendall τ-b within prompt set, over all LLMs and per Llama (the report's own
+`score_method`, through `probe_recipe.dev_scores`). With `--averages RUN_DIR` it also scores each moving average
+that `train.py --ema_probe_decays` wrote there, loaded into the same model, so one training run compares them.
+
+    python benchmarks/score_export.py --model outputs/lenpred-minilm --averages runs/lenpred --json scores.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probe_recipe import dev_scores  # noqa: E402
+
+from lenpred.data import HELD_OUT_PROMPT_SET, load_castillo, make_splits  # noqa: E402
+from lenpred.hub import load_export  # noqa: E402
+from lenpred.inference import predict_rows  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a LenPred export folder")
+    ap.add_argument("--averages", help="a train.py output_dir holding ema-<decay>.safetensors files")
+    ap.add_argument("--dataset", default=None, help="CASTILLO folder or Hub id (default: the shipped copy)")
+    ap.add_argument("--split-seed", type=int, default=42, help="seed train.py carved the dev split with")
+    ap.add_argument("--json", help="write the scores here")
+    args = ap.parse_args(argv)
+    model, tokenizer = load_export(args.model)
+    variants = {"export": None}
+    if args.averages:
+        files = sorted(Path(args.averages).glob("ema-*.safetensors"))
+        if not files:
+            raise SystemExit(f"no ema-*.safetensors in {args.averages}: train with --ema_probe_decays")
+        variants.update({f.stem: f for f in files})
+    rows = load_castillo(args.dataset)
+    splits = make_splits(rows, seed=args.split_seed, llms=[n for n in model.config.llm_names
+                                                           if n in set(rows["llm"])])
+    held = splits.test["prompt_set"] == HELD_OUT_PROMPT_SET
+    parts = {"dev": splits.dev, "test": splits.test[~held], HELD_OUT_PROMPT_SET: splits.test[held]}
+    exported = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for name, path in variants.items():
+        started = time.time()
+        model.load_state_dict(exported)
+        if path is not None:
+            model.load_state_dict(load_file(str(path)), strict=False)
+        results[name] = {part: dev_scores(predict_rows(model, tokenizer, frame, progress=False))
+                         for part, frame in parts.items() if len(frame)}
+        for part, scores in results[name].items():
+            line = "  ".join(f"{llm.split('/')[-1]}: MAE {s['mae']:.1f} acc@500 {100 * s['acc500']:.1f} "
+                             f"τ {s['tau']:.3f}" for llm, s in scores.items())
+            print(f"{name:>10} {part:>7}  {line}")
+        print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
