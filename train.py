@@ -89,7 +89,7 @@ class DataArguments:
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
 
 
-DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=4, learning_rate=1e-4, warmup_steps=0.06,
+DEFAULTS = dict(output_dir="runs/lenpred", num_train_epochs=5, learning_rate=1e-4, warmup_steps=0.06,
                 per_device_train_batch_size=16, per_device_eval_batch_size=64, weight_decay=0.01,
                 eval_strategy="epoch", save_strategy="epoch", save_total_limit=2, logging_steps=25,
                 train_sampling_strategy="random", seed=42, dataloader_drop_last=False)
