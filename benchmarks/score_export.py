@@ -34,13 +34,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--split-seed", type=int, default=42, help="seed train.py carved the dev split with")
     ap.add_argument("--json", help="write the scores here")
     args = ap.parse_args(argv)
-    model, tokenizer = load_export(args.model)
     variants = {"export": None}
-    if args.averages:
+    if args.averages:  # checked before any loading, so a wrong folder fails at once
         files = sorted(Path(args.averages).glob("ema-*.safetensors"))
         if not files:
             raise SystemExit(f"no ema-*.safetensors in {args.averages}: train with --ema_probe_decays")
         variants.update({f.stem: f for f in files})
+    model, tokenizer = load_export(args.model)
     rows = load_castillo(args.dataset)
     splits = make_splits(rows, seed=args.split_seed, llms=[n for n in model.config.llm_names
                                                            if n in set(rows["llm"])])

@@ -25,7 +25,8 @@ class WeightAverages(TrainerCallback):
     """Keeps one moving average of the floating-point weights per decay, updated after every optimiser step.
 
     The effective decay of step t is `min(decay, (1 + t) / (10 + t))`, so the average is not stuck on the first
-    weights; so within T steps no decay above (1 + T) / (10 + T) takes effect (≈ 0.992 for 1,120 steps). `apply(model, decay)` copies one average into the model (done by `train.py` before the export).
+    weights; so within T steps no decay above (1 + T) / (10 + T) takes effect (≈ 0.992 for 1,120 steps).
+    `apply(model, decay)` copies one average into the model (done by `train.py` before the export).
     `resume_from`: a checkpoint folder to read the averages back from when the run resumes.
     """
 

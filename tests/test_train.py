@@ -127,6 +127,9 @@ def test_ema_decay_and_prompt_set_balance(tiny_encoder, castillo_dir, tmp_path):
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     scores = json.loads(out.read_text())
     assert set(scores) == {"export", "ema-0.6"} and set(scores["export"]) == {"dev", "test", "Alpaca"}
+    missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
+                              "--averages", "avg_export"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no ema-*.safetensors in avg_export" in missing.stderr
     assert scores["export"]["test"]["all"]["mae"] != scores["ema-0.6"]["test"]["all"]["mae"]
     # the prompt-set weights reach the loss: same steps without them, other weights
     ok(train([*common, "--output_dir", "mix", "--export_dir", "mix_export", "--prompt_set_balance", "0"], tmp_path))
