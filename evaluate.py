@@ -30,8 +30,8 @@ from lenpred.hub import default_encoder_path, load_export
 from lenpred.inference import predict_rows
 from lenpred.model_card import write_cards
 from lenpred.metrics import nominal_coverage
-from lenpred.report import (PAPER_CITATION, build_results, calibration_curve, order_llms, plot_figures,
-                            render_markdown, write_json)
+from lenpred.figures import plot_figures, plot_sweep
+from lenpred.report import PAPER_CITATION, build_results, calibration_curve, order_llms, render_markdown, write_json
 from lenpred.scheduling import DEFAULT_LOADS
 from modeling_lenpred import lognormal_quantile
 
@@ -142,7 +142,7 @@ def add_prompt_baseline(rows: pd.DataFrame, url: str, model: str, llm: str | Non
 
 def simulate_scheduling(rows: pd.DataFrame, loads, n_seeds: int, out: Path) -> dict:
     """Replay the test rows through the simulator with LenPred's, kNN's and the oracle's orderings."""
-    from lenpred.scheduling import SimConfig, default_policies, plot_sweep, summarize, sweep
+    from lenpred.scheduling import SimConfig, default_policies, summarize, sweep
 
     requests = rows.rename(columns={"lenpred_mean": "pred_mean", "lenpred_bound": "pred_bound"})
     knn = "knn_mean" if "knn_mean" in requests and requests["knn_mean"].notna().all() else None

@@ -281,7 +281,7 @@ class LenPredModel(LenPredPreTrainedModel):
         labels_mean: torch.Tensor | None = None,
         labels_std: torch.Tensor | None = None,
         prompt_length: torch.Tensor | None = None,
-        prompt_weight: torch.Tensor | None = None,
+        label_weight: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LenPredOutput:
@@ -293,24 +293,25 @@ class LenPredModel(LenPredPreTrainedModel):
             prompt, or a single observed length that has no std), which the loss ignores.
         prompt_length (`torch.LongTensor` of shape `(batch,)`, *optional*):
             Each prompt's length in encoder tokens before truncation, from `tokenize_prompts`.
-        prompt_weight (`torch.FloatTensor` of shape `(batch,)`, *optional*):
-            Training only: how much each prompt's labels count in the loss (e.g. to balance prompt sets).
+        label_weight (`torch.FloatTensor` of shape `(batch,)` or `(batch, n_llms)`, *optional*):
+            Training only: how much each prompt's labels (or each ⟨prompt, LLM⟩ label) count in the loss, e.g. to
+            balance prompt sets or to favour the LLMs that matter most.
         """
         ids, squeeze = self._llm_ids(llm_ids, input_ids.shape[0], input_ids.device)
         vector = self.encode(input_ids, attention_mask, token_type_ids, prompt_length)
         bin_logits, log_mean, log_std = self.heads(vector, ids)
         loss = None
         if labels_mean is not None or labels_std is not None:
-            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape, prompt_weight)
+            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape, label_weight)
         if squeeze:
             bin_logits, log_mean, log_std = bin_logits[:, 0], log_mean[:, 0], log_std[:, 0]
         return LenPredOutput(loss=loss, bin_logits=bin_logits, mean=torch.expm1(log_mean), std=torch.expm1(log_std),
                              log_mean=log_mean, log_std=log_std)
 
     def loss(self, bin_logits, log_mean, log_std, labels_mean, labels_std, shape,
-             prompt_weight=None) -> torch.Tensor:
+             label_weight=None) -> torch.Tensor:
         """Cross-entropy over bins + L1 on log1p(mean) and log1p(std), each averaged over present labels (weighted
-        by `prompt_weight` when given).
+        by `label_weight` when given).
 
         L1 in log space estimates the conditional median, which is what minimises the MAE the paper reports (the
         median is unchanged by the log); squared or smooth-L1 losses estimate the mean of the log, which lengths'
@@ -318,9 +319,12 @@ class LenPredModel(LenPredPreTrainedModel):
         predictor's own error with the answers' spread; here the std head is supervised by the answers' own spread.
         """
         c = self.config
-        weight = None if prompt_weight is None else prompt_weight.to(log_mean.dtype).reshape(-1, 1).expand(shape)
+        weight = None
+        if label_weight is not None:  # per prompt (batch,) or per label (batch, n_llms)
+            weight = label_weight.to(log_mean.dtype)
+            weight = (weight.reshape(-1, 1) if weight.dim() == 1 else weight).expand(shape)
 
-        def average(values, present):  # plain or prompt-weighted mean over the present labels
+        def average(values, present):  # plain or weighted mean over the present labels
             if weight is None:
                 return values.mean()
             w = weight[present]

@@ -26,7 +26,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_lenpred import LenPredConfig
 from lenpred.averaging import WeightAverages
-from lenpred.data import PAPER_LLMS, group_by_prompt, load_castillo, make_splits, prompt_set_weights
+from lenpred.data import PAPER_LLMS, load_castillo, make_splits
+from lenpred.examples import group_by_prompt, label_weights
 from lenpred.hub import default_encoder_path, export_model, load_export
 from lenpred.metrics import classification_scores, regression_scores
 from modeling_lenpred import LenPredModel, tokenize_prompts
@@ -84,6 +85,9 @@ class DataArguments:
     prompt_set_balance: float = field(default=0.0, metadata={
         "help": "weight training prompts by (their prompt set's share)^-B in the loss: 0 = the data's own mix, "
                 "1 = every prompt set counts the same"})
+    llm_loss_weights: str | None = field(default="paper=3", metadata={
+        "help": "comma-separated LLM=WEIGHT: how much each LLM's labels count in the loss (LLM: an id, or 'paper' "
+                "for those of the three Llamas that are trained; LLMs not named weigh 1; '' = all weigh 1)"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only this many training prompts"})
     max_eval_prompts: int | None = field(default=None, metadata={"help": "use only this many dev/test prompts"})
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
@@ -173,7 +177,7 @@ def tokenized(dataset, tokenizer, config: LenPredConfig):
         return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "length": [len(i) for i in ids],
                 "prompt_length": full}
 
-    keep = {"labels_mean", "labels_std", "prompt_weight"}
+    keep = {"labels_mean", "labels_std", "label_weight"}
     return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
                        desc="tokenizing")
 
@@ -226,15 +230,17 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(margs.init_from or margs.encoder)
     names = model.config.llm_names
 
-    def prepare(frame, limit, balance=0.0):
+    def prepare(frame, limit, weighted=False):
         ds = group_by_prompt(frame, names)
         if limit:
             ds = ds.shuffle(seed=targs.seed).select(range(min(limit, len(ds))))
-        if balance:
-            ds = ds.add_column("prompt_weight", prompt_set_weights(ds["prompt_set"], balance).tolist())
+        weights = label_weights(ds["prompt_set"], names, dargs.prompt_set_balance, dargs.llm_loss_weights) \
+            if weighted else None
+        if weights is not None:
+            ds = ds.add_column("label_weight", weights.tolist())  # one weight per ⟨prompt, LLM⟩ label
         return tokenized(ds, tokenizer, model.config)
 
-    train_ds = prepare(splits.train, dargs.max_train_prompts, dargs.prompt_set_balance)
+    train_ds = prepare(splits.train, dargs.max_train_prompts, weighted=True)
     dev_ds = prepare(splits.dev, dargs.max_eval_prompts) if len(splits.dev) else None
     test_ds = prepare(splits.test, dargs.max_eval_prompts) if len(splits.test) else None
     if dev_ds is None:

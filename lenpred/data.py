@@ -20,7 +20,7 @@ import pandas as pd
 
 __all__ = ["CASTILLO_HUB_ID", "PROMPT_SETS", "HELD_OUT_PROMPT_SET", "PAPER_LLMS", "LOCAL_CASTILLO",
            "COLUMNS", "SPLITS", "Splits", "default_dataset_source", "load_rows", "validate_rows",
-           "sanitize", "load_castillo", "make_splits", "group_by_prompt", "prompt_set_weights", "prompt_table"]
+           "sanitize", "load_castillo", "make_splits", "prompt_table", "mean_std"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _sizes_fault(sizes) -> str | None:
     return "negative_output_size" if (arr < 0).any() else None
 
 
-def _mean_std(sizes: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def mean_std(sizes: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised per-row mean and population std (NaN std for a single observation)."""
     lens = np.fromiter((len(s) for s in sizes), dtype=np.int64, count=len(sizes))
     if not len(sizes):
@@ -125,7 +125,7 @@ def _normalise(raw: pd.DataFrame, split: str, origin: str) -> pd.DataFrame:
             good.append(i)
         else:
             mean[i] = std[i] = np.nan  # never let a broken size list leave a label behind
-    mean[good], std[good] = _mean_std([sizes[i] for i in good])
+    mean[good], std[good] = mean_std([sizes[i] for i in good])
     pset = [CUSTOM_PROMPT_SET if _is_missing(d) or d == "" else str(d) for d in obj("dataset")]
     return pd.DataFrame({
         "prompt_id": pd.Series(pid, dtype=object), "prompt_text": text.to_numpy(),
@@ -282,7 +282,7 @@ def sanitize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
         remove[i] = not kept
         if kept:
             sizes_col[i] = kept
-            (means[i],), (stds[i],) = _mean_std([kept])
+            (means[i],), (stds[i],) = mean_std([kept])
     df["output_sizes"] = pd.Series(sizes_col, index=df.index, dtype=object)
     df["output_mean"], df["output_std"] = means, stds
     out = df.loc[~remove].reset_index(drop=True)
@@ -358,67 +358,6 @@ def make_splits(rows: pd.DataFrame, dev_fraction: float = 0.1, seed: int = 42,
                     test=test.reset_index(drop=True), heldout=heldout.reset_index(drop=True))
     logger.info("splits: %s", {k: (v["rows"], v["prompts"]) for k, v in splits.summary().items()})
     return splits
-
-
-def _pool_duplicates(rows: pd.DataFrame) -> pd.DataFrame:
-    """Merge repeated ⟨prompt, LLM⟩ rows (e.g. a gateway logging one prompt twice)."""
-    dup = rows.duplicated(["prompt_id", "llm"], keep=False)
-    if not dup.any():
-        return rows
-    merged = []
-    for (pid, llm), grp in rows[dup].groupby(["prompt_id", "llm"], sort=False):
-        first = grp.iloc[0].copy()
-        if grp["output_sizes"].map(lambda s: s is not None).all():
-            allsizes = [v for s in grp["output_sizes"] for v in s]
-            (m,), (sd,) = _mean_std([allsizes])
-            first["output_sizes"], first["output_mean"], first["output_std"] = allsizes, m, sd
-        else:  # some rows only know a mean: average the means, spread unknown
-            first["output_sizes"], first["output_mean"] = None, grp["output_mean"].mean()
-            first["output_std"] = np.nan
-        merged.append(first)
-    logger.info("pooled %d duplicate ⟨prompt, LLM⟩ row(s) into %d", int(dup.sum()), len(merged))
-    return pd.concat([rows[~dup], pd.DataFrame(merged)], ignore_index=True)
-
-
-def group_by_prompt(rows: pd.DataFrame, llm_names: Sequence[str]):
-    """One example per prompt with per-LLM label vectors; NaN marks 'no answer from that LLM'."""
-    import datasets
-
-    llm_names = list(llm_names)
-    if not llm_names or len(set(llm_names)) != len(llm_names):
-        raise ValueError(f"llm_names must be non-empty and unique, got {llm_names}")
-    keep = rows["llm"].isin(llm_names)
-    if (~keep).any():
-        logger.info("group_by_prompt: ignored %d row(s) of %d LLM(s) not in llm_names",
-                    int((~keep).sum()), rows.loc[~keep, "llm"].nunique())
-    sub = _pool_duplicates(rows[keep])
-    table = prompt_table(sub)
-    out = {c: table[c].tolist() for c in ("prompt_id", "prompt_text", "prompt_set")}
-    for col in ("mean", "std"):
-        wide = sub.pivot(index="prompt_id", columns="llm", values=f"output_{col}")
-        wide = wide.reindex(index=table["prompt_id"], columns=llm_names)
-        out[f"labels_{col}"] = wide.to_numpy(float).tolist()
-    text, vec = datasets.Value("string"), datasets.List(datasets.Value("float64"))
-    return datasets.Dataset.from_dict(out, features=datasets.Features(
-        {"prompt_id": text, "prompt_text": text, "prompt_set": text,
-         "labels_mean": vec, "labels_std": vec}))
-
-
-def prompt_set_weights(prompt_sets: Sequence[str], balance: float) -> np.ndarray:
-    """Per-prompt loss weights ∝ (share of the prompt's set)^-balance, with mean 1.
-
-    0 keeps the data's own mix; 1 makes every prompt set weigh the same. The shipped pool lacks most of upstream's
-    Dolly, ShareGPT and APPS training prompts (see the data README), so its mix is not the one the sets were
-    sampled in.
-    """
-    if balance < 0:
-        raise ValueError(f"prompt-set balance must be ≥ 0, got {balance}")
-    sets = pd.Series(list(prompt_sets), dtype=object)
-    if sets.empty:
-        return np.ones(0)
-    share = sets.map(sets.value_counts(normalize=True)).to_numpy(float)
-    weight = share ** -balance
-    return weight / weight.mean()
 
 
 def prompt_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -1,8 +1,9 @@
-"""The evaluation report: scores per (subset, LLM, method), the paper's published figures, Markdown and figures.
+"""The evaluation report: scores per (subset, LLM, method), the paper's published figures, Markdown.
 
 Every table is built from one JSON-able dict (`build_results`), and the Markdown is rendered from that dict, so
-`report.json` and `report.md` agree by construction. Table builders take a DataFrame of rows with prediction
-columns `{method}_mean`, `{method}_std` and optionally `{method}_bound` and `{method}_bin` (bin-head argmax).
+`report.json` and `report.md` agree by construction (the figures are `lenpred.figures`). Table builders take a
+DataFrame of rows with prediction columns `{method}_mean`, `{method}_std` and optionally `{method}_bound` and
+`{method}_bin` (bin-head argmax).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from lenpred.metrics import (bin_index, bound_coverage, classification_scores, i
 
 __all__ = ["METHODS", "SUBSETS", "PAPER_CITATION", "PAPER_RESULTS", "ALL_LLMS", "true_p99", "score_method",
            "ranking_scores", "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset",
-           "render_scheduling", "measured_methods", "md_table", "fmt", "write_json", "calibration_curve",
-           "plot_figures"]
+           "render_scheduling", "measured_methods", "md_table", "short_llm_name", "fmt", "write_json",
+           "calibration_curve"]
 
 METHODS = {"lenpred": "LenPred (ours)", "median": "Prompt-set median", "knn": "kNN",
            "prompt": "Prompt baseline", "paper": "Paper (published, not measured here)",
@@ -204,7 +205,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _short(llm: str) -> str:
+def short_llm_name(llm: str) -> str:
     return "all LLMs (pooled)" if llm == ALL_LLMS else llm.split("/")[-1]
 
 
@@ -221,7 +222,7 @@ def _classification_md(per, methods, head_bin_size, bin_sizes) -> str:
                                                        else [])
     rows = []
     for llm, m, sc in _method_rows(per, methods):
-        cells = [_short(llm), METHODS[m], fmt(sc.get("n"), "int")]
+        cells = [short_llm_name(llm), METHODS[m], fmt(sc.get("n"), "int")]
         for s in bin_sizes:
             c = sc["classification"].get(str(s), {})
             cells += [fmt(c.get("accuracy"), "pct"), fmt(c.get("f1"), "f1")]
@@ -232,7 +233,7 @@ def _classification_md(per, methods, head_bin_size, bin_sizes) -> str:
 
 def _regression_md(per, methods) -> str:
     header = ["LLM", "Method", "n", "MSE(mean)", "MAE(mean)", "MSE(std)", "MAE(std)"]
-    rows = [[_short(llm), METHODS[m], fmt(sc.get("n"), "int")] +
+    rows = [[short_llm_name(llm), METHODS[m], fmt(sc.get("n"), "int")] +
             [fmt(sc["regression"].get(k), "mse" if k.startswith("mse") else "mae")
              for k in ("mse_mean", "mae_mean", "mse_std", "mae_std")] for llm, m, sc in _method_rows(per, methods)]
     return md_table(header, rows)
@@ -240,7 +241,7 @@ def _regression_md(per, methods) -> str:
 
 def _noise_md(per) -> str:
     header = ["LLM", "rows", "one sample vs 10-sample mean: MAE", "MSE", "sampling error of the mean: MAE"]
-    rows = [[_short(llm), fmt(e["noise_floor"]["n_rows"], "int"), fmt(e["noise_floor"]["single_sample_mae"], "mae"),
+    rows = [[short_llm_name(llm), fmt(e["noise_floor"]["n_rows"], "int"), fmt(e["noise_floor"]["single_sample_mae"], "mae"),
              fmt(e["noise_floor"]["single_sample_mse"], "mse"), fmt(e["noise_floor"]["mean_sampling_mae"], "mae")]
             for llm, e in per.items()]
     return md_table(header, rows)
@@ -251,7 +252,7 @@ def _beyond_md(per, methods, meta) -> str:
               f"inside ±1σ (%) [nominal {100 * meta['nominal_1sigma']:.2f}]",
               f"inside ±2σ (%) [nominal {100 * meta['nominal_2sigma']:.2f}]",
               f"≤ bound (%) [nominal {100 * meta['reservation_quantile']:.2f}]"]
-    rows = [[_short(llm), METHODS[m], fmt(sc["kendall_tau_b"], "tau"), fmt(sc["coverage_1sigma"], "pct"),
+    rows = [[short_llm_name(llm), METHODS[m], fmt(sc["kendall_tau_b"], "tau"), fmt(sc["coverage_1sigma"], "pct"),
              fmt(sc["coverage_2sigma"], "pct"), fmt(sc["bound_coverage"], "pct")]
             for llm, m, sc in _method_rows(per, methods)]
     return md_table(header, rows)
@@ -259,7 +260,7 @@ def _beyond_md(per, methods, meta) -> str:
 
 def _per_set_md(per, methods, key: str = "mae_by_prompt_set", kind: str = "mae", label: str = "MAE(mean)") -> str:
     sets = sorted({s for _, _, sc in _method_rows(per, methods) for s in sc[key]})
-    rows = [[_short(llm), METHODS[m]] + [fmt(sc[key].get(s), kind) for s in sets]
+    rows = [[short_llm_name(llm), METHODS[m]] + [fmt(sc[key].get(s), kind) for s in sets]
             for llm, m, sc in _method_rows(per, methods)]
     return md_table(["LLM", "Method"] + [f"{label} {s}" for s in sets], rows)
 
@@ -299,7 +300,7 @@ def render_markdown(report: dict) -> str:
         pb = meta["prompt_baseline"]
         out += ["## Prompt baseline replies\n", md_table(["endpoint model", "scored against", "ok", "malformed",
                                                           "failed"],
-                [[f"`{pb['model']}`", _short(pb["llm"]), *(fmt(pb["counts"][k], "int")
+                [[f"`{pb['model']}`", short_llm_name(pb["llm"]), *(fmt(pb["counts"][k], "int")
                                                             for k in ("ok", "malformed", "failed"))]]), ""]
     if report.get("scheduling"):
         out += [render_scheduling(report["scheduling"]), ""]
@@ -324,81 +325,3 @@ def render_scheduling(sched: dict) -> str:
         out += [f"### {title}\n", md_table(["policy"] + [c[1] for c in cols],
                 [[r["policy"]] + [cell(r.get(k), kind) for k, _, kind in cols] for r in rows]), ""]
     return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------------------------------- figures
-def plot_figures(report: dict, rows: pd.DataFrame, out_dir: str | Path, trainer_state: dict | None = None) -> dict:
-    """Write the PNGs into `out_dir/figures`; returns {title: relative path} for report["figures"]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig_dir = Path(out_dir) / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    made = {}
-
-    def save(fig, name, title):
-        fig.tight_layout()
-        fig.savefig(fig_dir / name, dpi=110)
-        plt.close(fig)
-        made[title] = f"figures/{name}"
-
-    llms = order_llms(rows["llm"].unique())
-    ncol = min(4, len(llms))
-    nrow = math.ceil(len(llms) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
-    bins = np.logspace(0, np.log10(16000), 40)
-    for ax, llm in zip(axes.flat, llms):
-        sizes = np.concatenate([np.asarray(s, float) for s in rows.loc[rows["llm"] == llm, "output_sizes"]
-                                if s is not None and len(s)] or [np.zeros(0)])
-        ax.hist(np.clip(sizes, 1, None), bins=bins, color="tab:blue")
-        ax.set_xscale("log"), ax.set_title(_short(llm), fontsize=8), ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(llms):]:
-        ax.axis("off")
-    fig.suptitle("Sampled output lengths per LLM (test split, tokens)")
-    save(fig, "length_distribution.png", "Output-length distribution per LLM")
-
-    if trainer_state and trainer_state.get("log_history"):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in (("loss", "training loss"), ("eval_loss", "eval loss")):
-            pts = [(h["step"], h[key]) for h in trainer_state["log_history"] if key in h and "step" in h]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if key == "eval_loss" else None, label=label)
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-        save(fig, "loss_curves.png", "Training and eval loss")
-
-    res = report["results"]
-    fig, axes = plt.subplots(1, len(res), figsize=(5.5 * len(res), 3.8), squeeze=False)
-    sizes = report["meta"]["bin_sizes"]
-    for ax, (name, per) in zip(axes.flat, res.items()):
-        picks = [m for m in PAPER_LLMS if m in per] or [m for m in per if m != ALL_LLMS]
-        for m in [*report["meta"]["methods"], "paper"]:
-            accs = [[per[l][m]["classification"][str(s)]["accuracy"] for l in picks if m in per[l]] for s in sizes]
-            if all(accs):
-                ax.plot(sizes, [100 * np.mean(a) for a in accs], marker="o", label=METHODS[m],
-                        color=f"C{list(METHODS).index(m)}")
-        ax.set_xscale("log"), ax.set_xlabel("bin size (tokens)"), ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{name} (mean over {len(picks)} LLMs)", fontsize=9), ax.legend(fontsize=7)
-    save(fig, "accuracy_vs_bin_size.png", "Accuracy vs bin size")
-
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, color in (("in_distribution", "tab:blue"), ("alpaca", "tab:orange")):
-        part = rows[rows["subset"] == name]
-        ax.scatter(part["output_mean"].clip(lower=1), part["lenpred_mean"].clip(lower=1), s=3, alpha=0.3,
-                   color=color, label=name)
-    ax.plot([1, 16000], [1, 16000], color="k", lw=0.8)
-    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("true mean (tokens)")
-    ax.set_ylabel("predicted mean (tokens)"), ax.legend()
-    save(fig, "predicted_vs_true.png", "Predicted vs true mean (LenPred)")
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for name, curves in report.get("calibration_curve", {}).items():
-        for m, c in curves.items():
-            if c:
-                ax.plot(c["nominal"], c["empirical"], marker=".", color=f"C{list(METHODS).index(m)}",
-                        ls="--" if name == "alpaca" else "-", label=f"{METHODS[m]}, {name}")
-    ax.plot([0, 1], [0, 1], color="k", lw=0.8)
-    ax.set_xlabel("nominal share inside mean ± kσ"), ax.set_ylabel("observed share"), ax.legend(fontsize=7)
-    save(fig, "calibration.png", "Calibration of the predicted std")
-    return made

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["SimConfig", "ORDERS", "MEMORIES", "DEFAULT_LOADS", "server_capacity", "simulate", "sweep", "summarize",
-           "plot_sweep", "default_policies", "DEFAULT_POLICIES", "main"]
+           "default_policies", "DEFAULT_POLICIES", "main"]
 
 ORDERS = ("fcfs", "spf", "spf_aging", "oracle")
 #: Loads the report and the CLI sweep by default: issue 5's goal is stated at 0.9; inf is a backlog.
@@ -331,34 +331,6 @@ def summarize(df: pd.DataFrame, baseline: str = "fcfs", oracle: str = "oracle") 
     return g
 
 
-def plot_sweep(summary: pd.DataFrame, path: str) -> str:
-    """Save a PNG: mean completion time vs load (left), share of the oracle's gain vs load (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    summary = summary[np.isfinite(summary["load"])]  # the backlog (load inf) is a table, not a point
-    for name, g in summary.groupby("policy", sort=False):
-        g = g.sort_values("load")
-        ax1.errorbar(g["load"], g["mean_completion_s_mean"], yerr=g["mean_completion_s_std"].fillna(0),
-                     marker="o", capsize=3, label=name)
-        ax2.plot(g["load"], g["share_of_oracle_gain"], marker="o", label=name)
-    ax1.set(xlabel="load (share of server capacity)", ylabel="mean completion time (s)",
-            title="Completion time")
-    ax2.set(xlabel="load (share of server capacity)", ylabel="share of oracle gain vs FCFS",
-            title="Share of oracle gain")
-    ax2.axhline(0, color="grey", lw=0.5)
-    ax2.axhline(1, color="grey", lw=0.5, ls="--")
-    ax1.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _read_requests(path: str) -> pd.DataFrame:
     """Read parquet or CSV. In CSV, ``output_sizes`` arrives as text and is parsed back into a list."""
     df = pd.read_parquet(path) if path.endswith((".parquet", ".pq")) else pd.read_csv(path)
@@ -404,6 +376,8 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(dict(config=asdict(cfg), policies=default_policies(**cols),
                        summary=json.loads(summ.to_json(orient="records"))), f, indent=2)
+    from lenpred.figures import plot_sweep
+
     plot_sweep(summ, os.path.join(a.out, "sweep.png"))
     print(summ[["policy", "load", "mean_completion_s_mean", "gain_pct_mean", "share_of_oracle_gain"]]
           .to_string(index=False))

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -171,34 +170,6 @@ def test_make_splits_user_logs_have_empty_test(tmp_path):
                            for i in range(20)))
     sp = D.make_splits(D.load_castillo(f))
     assert len(sp.test) == 0 and len(sp.train) + len(sp.dev) == 20 and len(sp.dev) == 2
-
-
-def test_group_by_prompt_masks_missing_llms():
-    rows = pd.DataFrame({
-        "prompt_id": ["p1", "p1", "p2", "p2", "p3"], "prompt_text": ["one", "one", "two", "two", "3"],
-        "llm": [A, B, B, C, C], "prompt_set": "Mbpp", "input_size": np.nan,
-        "output_sizes": [[1, 3], [5, 5], [7], None, [9]],
-        "output_mean": [2.0, 5.0, 7.0, 8.0, 9.0], "output_std": [1.0, 0.0, np.nan, np.nan, np.nan],
-        "split": "train"})
-    ds = D.group_by_prompt(rows, [A, B])
-    assert ds["prompt_id"] == ["p1", "p2"]  # p3 has only the ignored LLM C
-    assert ds[0]["labels_mean"] == [2.0, 5.0] and ds[0]["labels_std"] == [1.0, 0.0]
-    assert math.isnan(ds[1]["labels_mean"][0]) and ds[1]["labels_mean"][1] == 7.0
-    assert all(math.isnan(v) for v in ds[1]["labels_std"])
-    dup = pd.concat([rows.iloc[[0]], rows.iloc[[0]].assign(output_sizes=[[5, 7]])])
-    pooled = D.group_by_prompt(dup, [A])
-    assert pooled[0]["labels_mean"] == [4.0]  # repeated ⟨prompt, LLM⟩ rows are pooled
-
-
-def test_prompt_set_weights_balance_the_sets():
-    sets = ["a", "a", "a", "b"]
-    np.testing.assert_allclose(D.prompt_set_weights(sets, 0.0), [1, 1, 1, 1])
-    w = D.prompt_set_weights(sets, 1.0)
-    assert w.mean() == pytest.approx(1.0) and w[:3].sum() == pytest.approx(w[3])  # each set weighs the same
-    half = D.prompt_set_weights(sets, 0.5)
-    assert 1 < half[3] / half[0] < w[3] / w[0]
-    with pytest.raises(ValueError, match="balance must be"):
-        D.prompt_set_weights(sets, -1.0)
 
 
 def test_prompt_table_first_seen_order():

@@ -89,16 +89,21 @@ def test_masked_labels_do_not_count(tiny_model, tokenizer):
     assert nothing.loss.item() == 0.0
 
 
-def test_prompt_weight_scales_each_prompts_share_of_the_loss(tiny_model, tokenizer):
+def test_label_weight_scales_each_prompts_or_labels_share_of_the_loss(tiny_model, tokenizer):
     enc = batch(tokenizer)
     labels = dict(labels_mean=torch.tensor([[120.0, NAN, 40.0], [900.0, 300.0, 30.0]]),
                   labels_std=torch.tensor([[10.0, NAN, 5.0], [200.0, 20.0, 3.0]]))
     plain = tiny_model(**enc, **labels).loss
-    torch.testing.assert_close(tiny_model(**enc, **labels, prompt_weight=torch.tensor([2.0, 2.0])).loss, plain)
+    torch.testing.assert_close(tiny_model(**enc, **labels, label_weight=torch.tensor([2.0, 2.0])).loss, plain)
     # weight 0 on the second prompt: the loss of the first prompt alone
     first = {k: v[:1] for k, v in enc.items()}
     alone = tiny_model(**first, labels_mean=labels["labels_mean"][:1], labels_std=labels["labels_std"][:1]).loss
-    torch.testing.assert_close(tiny_model(**enc, **labels, prompt_weight=torch.tensor([1.0, 0.0])).loss, alone)
+    torch.testing.assert_close(tiny_model(**enc, **labels, label_weight=torch.tensor([1.0, 0.0])).loss, alone)
+    # per label (batch, n_llms): weight 0 on the last LLM is that LLM's labels masked out
+    per_llm = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    masked = {k: torch.cat([v[:, :2], torch.full((2, 1), NAN)], dim=1) for k, v in labels.items()}
+    torch.testing.assert_close(tiny_model(**enc, **labels, label_weight=per_llm).loss, tiny_model(**enc, **masked).loss)
+    torch.testing.assert_close(tiny_model(**enc, **labels, label_weight=torch.full((2, 3), 3.0)).loss, plain)
 
 
 def test_rank_loss_counts_only_ordered_pairs_of_the_same_llm():

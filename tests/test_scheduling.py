@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lenpred.scheduling import (DEFAULT_POLICIES, SimConfig, default_policies, main, plot_sweep,
-                                server_capacity, simulate, summarize, sweep)
+from lenpred.figures import plot_sweep
+from lenpred.scheduling import (DEFAULT_POLICIES, SimConfig, default_policies, main, server_capacity, simulate,
+                                summarize, sweep)
 
 
 def synth(n=1500, n_llm=2, seed=0, mu=5.0, sigma_prompt=1.0, sigma_sample=0.3):

@@ -102,10 +102,10 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     assert pred.mean.shape == (1, 1) and torch.isfinite(pred.mean).all()
 
 
-def test_ema_decay_and_prompt_set_balance(tiny_encoder, castillo_dir, tmp_path):
+def test_ema_decay_prompt_set_balance_and_llm_loss_weights(tiny_encoder, castillo_dir, tmp_path):
     """The export under --ema_decay is the average the run wrote beside its checkpoints, not the last step's
     weights; --ema_probe_decays keeps further averages without changing what is exported; --prompt_set_balance
-    changes the training."""
+    and --llm_loss_weights change the training."""
     common = ["--encoder", tiny_encoder, "--dataset", castillo_dir, "--max_steps", "5", "--save_strategy", "no",
               "--eval_strategy", "no", "--seed", "3", "--learning_rate", "1e-2", "--max_train_prompts", "13",
               "--prompt_set_balance", "1"]
@@ -132,9 +132,15 @@ def test_ema_decay_and_prompt_set_balance(tiny_encoder, castillo_dir, tmp_path):
     assert missing.returncode != 0 and "no ema-*.safetensors in avg_export" in missing.stderr
     assert scores["export"]["test"]["all"]["mae"] != scores["ema-0.6"]["test"]["all"]["mae"]
     # the prompt-set weights reach the loss: same steps without them, other weights
-    ok(train([*common, "--output_dir", "mix", "--export_dir", "mix_export", "--prompt_set_balance", "0"], tmp_path))
+    ok(train([*common, "--output_dir", "mix", "--export_dir", "mix_export", "--prompt_set_balance", "0",
+              "--llm_loss_weights", ""], tmp_path))
     unweighted = load_file(tmp_path / "mix_export" / "model.safetensors")
     assert any(not torch.allclose(plain[k], unweighted[k]) for k in written)
+    # so do per-LLM weights (the default favours the paper's Llamas; '' turned that off above)
+    ok(train([*common, "--output_dir", "llm", "--export_dir", "llm_export", "--prompt_set_balance", "0",
+              "--llm_loss_weights", "meta-llama/Llama-3.2-1B-Instruct=3"], tmp_path))
+    favoured = load_file(tmp_path / "llm_export" / "model.safetensors")
+    assert any(not torch.allclose(favoured[k], unweighted[k]) for k in written)
 
 
 def test_weight_averages_follow_the_ema_formula():
@@ -168,6 +174,10 @@ def test_weight_averages_follow_the_ema_formula():
     (["--heads", "ranking"], "--heads must be one of"),
     (["--ema_decay", "1.5"], "strictly between 0 and 1"),
     (["--prompt_set_balance", "-1"], "balance must be"),
+    (["--llm_loss_weights", "paper"], "takes LLM=WEIGHT items"),
+    (["--llm_loss_weights", "meta-llama/Llama-3.2-1B-Instruct=-2"], "takes LLM=WEIGHT items"),
+    (["--llm_loss_weights", "no-such/llm=2"], "names an LLM the model does not train"),
+    (["--llm_loss_weights", "meta-llama/Llama-3.2-1B-Instruct=0,Mbpp=1"], "names an LLM the model does not train"),
 ])
 def test_bad_arguments_fail_clearly(tiny_encoder, castillo_dir, tmp_path, args, message):
     result = train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", *args], tmp_path)

@@ -1,0 +1,124 @@
+"""Training examples: one per prompt, with a label vector over the LLMs and the weights each label has in the loss.
+
+One example per prompt (not per ⟨prompt, LLM⟩ row) is what lets one encoder pass train every LLM at once; NaN in a
+label vector marks an LLM that did not answer the prompt (or a std that a single length cannot give), which the
+loss masks out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lenpred.data import PAPER_LLMS, mean_std, prompt_table
+
+__all__ = ["group_by_prompt", "prompt_set_weights", "llm_loss_weights", "label_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def _pool_duplicates(rows: pd.DataFrame) -> pd.DataFrame:
+    """Merge repeated ⟨prompt, LLM⟩ rows (e.g. a gateway logging one prompt twice)."""
+    dup = rows.duplicated(["prompt_id", "llm"], keep=False)
+    if not dup.any():
+        return rows
+    merged = []
+    for (pid, llm), grp in rows[dup].groupby(["prompt_id", "llm"], sort=False):
+        first = grp.iloc[0].copy()
+        if grp["output_sizes"].map(lambda s: s is not None).all():
+            allsizes = [v for s in grp["output_sizes"] for v in s]
+            (m,), (sd,) = mean_std([allsizes])
+            first["output_sizes"], first["output_mean"], first["output_std"] = allsizes, m, sd
+        else:  # some rows only know a mean: average the means, spread unknown
+            first["output_sizes"], first["output_mean"] = None, grp["output_mean"].mean()
+            first["output_std"] = np.nan
+        merged.append(first)
+    logger.info("pooled %d duplicate ⟨prompt, LLM⟩ row(s) into %d", int(dup.sum()), len(merged))
+    return pd.concat([rows[~dup], pd.DataFrame(merged)], ignore_index=True)
+
+
+def group_by_prompt(rows: pd.DataFrame, llm_names: Sequence[str]):
+    """One example per prompt with per-LLM label vectors; NaN marks 'no answer from that LLM'."""
+    import datasets
+
+    llm_names = list(llm_names)
+    if not llm_names or len(set(llm_names)) != len(llm_names):
+        raise ValueError(f"llm_names must be non-empty and unique, got {llm_names}")
+    keep = rows["llm"].isin(llm_names)
+    if (~keep).any():
+        logger.info("group_by_prompt: ignored %d row(s) of %d LLM(s) not in llm_names",
+                    int((~keep).sum()), rows.loc[~keep, "llm"].nunique())
+    sub = _pool_duplicates(rows[keep])
+    table = prompt_table(sub)
+    out = {c: table[c].tolist() for c in ("prompt_id", "prompt_text", "prompt_set")}
+    for col in ("mean", "std"):
+        wide = sub.pivot(index="prompt_id", columns="llm", values=f"output_{col}")
+        wide = wide.reindex(index=table["prompt_id"], columns=llm_names)
+        out[f"labels_{col}"] = wide.to_numpy(float).tolist()
+    text, vec = datasets.Value("string"), datasets.List(datasets.Value("float64"))
+    return datasets.Dataset.from_dict(out, features=datasets.Features(
+        {"prompt_id": text, "prompt_text": text, "prompt_set": text,
+         "labels_mean": vec, "labels_std": vec}))
+
+
+def prompt_set_weights(prompt_sets: Sequence[str], balance: float) -> np.ndarray:
+    """Per-prompt loss weights ∝ (share of the prompt's set)^-balance, with mean 1.
+
+    0 keeps the data's own mix; 1 makes every prompt set weigh the same. The shipped pool lacks most of upstream's
+    Dolly, ShareGPT and APPS training prompts (see the data README), so its mix is not the one the sets were
+    sampled in.
+    """
+    if balance < 0:
+        raise ValueError(f"prompt-set balance must be ≥ 0, got {balance}")
+    sets = pd.Series(list(prompt_sets), dtype=object)
+    if sets.empty:
+        return np.ones(0)
+    share = sets.map(sets.value_counts(normalize=True)).to_numpy(float)
+    weight = share ** -balance
+    return weight / weight.mean()
+
+
+def llm_loss_weights(spec: str | None, names: list[str]) -> np.ndarray | None:
+    """Per-LLM loss weights, aligned with `names`, from `--llm_loss_weights` (None: every LLM weighs 1).
+
+    Items are `LLM=WEIGHT`; an LLM id the model does not train is an error, while `paper` means those of the
+    paper's three Llamas that it trains (none, when training on logs of other LLMs: then it weighs nothing).
+    """
+    if not spec:
+        return None
+    weights = np.ones(len(names))
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        llm, sep, value = item.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not llm or not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"--llm_loss_weights takes LLM=WEIGHT items with a weight >= 0, got {item!r}")
+        if llm == "paper":
+            targets = [t for t in PAPER_LLMS if t in names]
+            if len(targets) < len(PAPER_LLMS):
+                logger.info("--llm_loss_weights: 'paper' weighs %d of the paper's LLMs (the others are not trained)",
+                            len(targets))
+        elif llm not in names:
+            raise ValueError(f"--llm_loss_weights names an LLM the model does not train: {llm!r}. Known: {names}")
+        else:
+            targets = [llm]
+        for t in targets:
+            weights[names.index(t)] = weight
+    if not weights.any():
+        raise ValueError("--llm_loss_weights gives every LLM weight 0: nothing would be learnt")
+    return None if (weights == 1).all() else weights
+
+
+def label_weights(prompt_sets: Sequence[str], llm_names: Sequence[str], balance: float = 0.0,
+                  llm_spec: str | None = None) -> np.ndarray | None:
+    """(prompts, LLMs) loss weights: the prompt-set balance times the per-LLM weights; None when both are off."""
+    per_llm = llm_loss_weights(llm_spec, list(llm_names))
+    if not balance and per_llm is None:
+        return None
+    per_prompt = prompt_set_weights(prompt_sets, balance)
+    return np.outer(per_prompt, np.ones(len(llm_names)) if per_llm is None else per_llm)
