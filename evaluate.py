@@ -153,7 +153,7 @@ def simulate_scheduling(rows: pd.DataFrame, loads, n_seeds: int, out: Path) -> d
     notes = [f"Simulator `lenpred/scheduling.py`: one server per LLM, continuous batching, KV cache "
              f"{config.kv_capacity:,} tokens, max_tokens {config.max_tokens:,}; each request's true length is drawn "
              "from its 10 sampled sizes; Poisson arrivals at the given share of capacity; "
-             f"{n_seeds} seeds per load (means shown).",
+             f"{n_seeds} seeds per load (tables: means over seeds).",
              "Orderings reserve max_tokens per request; `+bound_mem` policies reserve LenPred's bound instead "
              "(preempted = recomputed). `spf_prompt` orders by prompt length; `oracle` by the true drawn length.",
              "Load is a share of the capacity of a server that reserves max_tokens (`server_capacity`). The backlog "

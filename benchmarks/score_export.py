@@ -2,6 +2,8 @@
 the bin of the predicted mean and Kendall τ-b within prompt set, over all LLMs and per Llama (the report's own
 `score_method`, through `probe_recipe.dev_scores`). With `--averages RUN_DIR` it also scores each moving average
 that `train.py --ema_probe_decays` wrote there, loaded into the same model, so one training run compares them.
+With `--ensemble-with EXPORT ...` it also scores the ensemble of the export with those exports (mean, std and bound
+averaged in log1p space): what training more models would buy, at that many times the cost.
 
     python benchmarks/score_export.py --model outputs/lenpred-minilm --averages runs/lenpred --json scores.json
 """
@@ -13,6 +15,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from safetensors.torch import load_file
 
@@ -32,6 +36,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--averages", help="a train.py output_dir holding ema-<decay>.safetensors files")
     ap.add_argument("--dataset", default=None, help="CASTILLO folder or Hub id (default: the shipped copy)")
     ap.add_argument("--split-seed", type=int, default=42, help="seed train.py carved the dev split with")
+    ap.add_argument("--ensemble-with", nargs="+", default=[], metavar="EXPORT",
+                    help="also score the ensemble of --model with these exports (same LLMs)")
     ap.add_argument("--json", help="write the scores here")
     args = ap.parse_args(argv)
     variants = {"export": None}
@@ -41,28 +47,48 @@ def main(argv=None) -> dict:
             raise SystemExit(f"no ema-*.safetensors in {args.averages}: train with --ema_probe_decays")
         variants.update({f.stem: f for f in files})
     model, tokenizer = load_export(args.model)
+    others = [load_export(path) for path in args.ensemble_with]  # before any scoring, so a wrong path fails at once
     rows = load_castillo(args.dataset)
     splits = make_splits(rows, seed=args.split_seed, llms=[n for n in model.config.llm_names
                                                            if n in set(rows["llm"])])
     held = splits.test["prompt_set"] == HELD_OUT_PROMPT_SET
     parts = {"dev": splits.dev, "test": splits.test[~held], HELD_OUT_PROMPT_SET: splits.test[held]}
+    parts = {part: frame for part, frame in parts.items() if len(frame)}
     exported = {k: v.clone() for k, v in model.state_dict().items()}
-    results = {}
+    results, first = {}, None
     for name, path in variants.items():
         started = time.time()
         model.load_state_dict(exported)
         if path is not None:
             model.load_state_dict(load_file(str(path)), strict=False)
-        results[name] = {part: dev_scores(predict_rows(model, tokenizer, frame, progress=False))
-                         for part, frame in parts.items() if len(frame)}
-        for part, scores in results[name].items():
-            line = "  ".join(f"{llm.split('/')[-1]}: MAE {s['mae']:.1f} acc@500 {100 * s['acc500']:.1f} "
-                             f"τ {s['tau']:.3f}" for llm, s in scores.items())
-            print(f"{name:>10} {part:>7}  {line}")
-        print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
+        predictions = {part: predict_rows(model, tokenizer, frame, progress=False) for part, frame in parts.items()}
+        first = first or predictions  # the exported weights' predictions: the ensemble's first member
+        results[name] = {part: dev_scores(pred) for part, pred in predictions.items()}
+        report(name, results[name], started)
+    if others:
+        started = time.time()
+        preds = [first] + [{part: predict_rows(m, t, frame, progress=False) for part, frame in parts.items()}
+                           for m, t in others]
+        results["ensemble"] = {part: dev_scores(average_predictions([p[part] for p in preds])) for part in parts}
+        report("ensemble", results["ensemble"], started)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results
+
+
+def average_predictions(preds: list[pd.DataFrame]) -> pd.DataFrame:
+    """One frame of predictions for the same rows from several models: mean, std and bound averaged in log1p space."""
+    columns = ("pred_mean", "pred_std", "pred_bound")
+    return preds[0].assign(**{c: np.expm1(np.mean([np.log1p(p[c].to_numpy(float)) for p in preds], axis=0))
+                              for c in columns})
+
+
+def report(name: str, scores_by_part: dict, started: float) -> None:
+    for part, scores in scores_by_part.items():
+        line = "  ".join(f"{llm.split('/')[-1]}: MAE {s['mae']:.1f} acc@500 {100 * s['acc500']:.1f} "
+                         f"τ {s['tau']:.3f}" for llm, s in scores.items())
+        print(f"{name:>10} {part:>7}  {line}")
+    print(f"{name}: {time.time() - started:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -309,19 +309,30 @@ def render_markdown(report: dict) -> str:
 
 
 def render_scheduling(sched: dict) -> str:
-    """The simulator's summary: one table per load, policies as rows (means over seeds)."""
+    """The simulator's summary: one table per load, policies as rows (means over seeds; ± their std)."""
     cols = [("mean_completion_s_mean", "mean JCT (s)", "f2"), ("p99_completion_s_mean", "p99 JCT (s)", "f2"),
             ("mean_ttft_s_mean", "mean TTFT (s)", "f2"), ("throughput_rps_mean", "req/s", "f2"),
             ("mean_running_mean", "mean running", "f1"), ("preempted_share_mean", "preempted %", "pct"),
             ("max_wait_s_mean", "longest wait (s)", "f1"), ("gain_pct_mean", "gain vs FCFS %", "f1"),
             ("share_of_oracle_gain", "share of oracle gain", "f2")]
+    spread = {"mean_completion_s_mean", "gain_pct_mean"}  # the goal's figures: shown with their spread over seeds
     show = {"f2": lambda v: f"{v:.2f}", "f1": lambda v: f"{v:.1f}", "pct": lambda v: f"{100 * v:.2f}"}
-    cell = lambda v, kind: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else show[kind](v)  # noqa
-    out = ["## Proactive scheduling (trace-driven simulator)\n", *[f"- {line}" for line in sched["notes"]], ""]
+    missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+
+    def cell(row, key, kind):
+        value, sd = row.get(key), row.get(key[:-len("_mean")] + "_std") if key in spread else None
+        if missing(value):
+            return "—"
+        return show[kind](value) + ("" if missing(sd) else f" ± {show[kind](sd)}")
+
+    seeds = sorted({r.get("n_seeds") for r in sched["summary"]} - {None})
+    out = ["## Proactive scheduling (trace-driven simulator)\n", *[f"- {line}" for line in sched["notes"]],
+           *([f"- ± is the standard deviation over the {'/'.join(map(str, seeds))} seeds of each load "
+              "(gains paired with FCFS by seed)."] if seeds else []), ""]
     backlog = lambda load: load is None or math.isinf(load)  # noqa: E731  (inf is None once in report.json)
     for load in sorted({r["load"] for r in sched["summary"]}, key=lambda v: math.inf if backlog(v) else v):
         rows = [r for r in sched["summary"] if r["load"] == load]
         title = "Backlog (every request queued at t = 0)" if backlog(load) else f"Load {load:g}"
         out += [f"### {title}\n", md_table(["policy"] + [c[1] for c in cols],
-                [[r["policy"]] + [cell(r.get(k), kind) for k, _, kind in cols] for r in rows]), ""]
+                [[r["policy"]] + [cell(r, k, kind) for k, _, kind in cols] for r in rows]), ""]
     return "\n".join(out)

@@ -331,6 +331,13 @@ def summarize(df: pd.DataFrame, baseline: str = "fcfs", oracle: str = "oracle") 
     return g
 
 
+#: Columns `lenpred simulate` looks for when not told: `predict_rows`' names, then those of the report's
+#: predictions.parquet.
+CLI_COLUMNS = {"pred": ("predicted mean length", ("pred_mean", "lenpred_mean")),
+               "bound": ("predicted upper bound", ("pred_bound", "lenpred_bound")),
+               "knn": ("kNN baseline's mean", ("knn_mean",)), "prompt": ("prompt length", ("input_size",))}
+
+
 def _read_requests(path: str) -> pd.DataFrame:
     """Read parquet or CSV. In CSV, ``output_sizes`` arrives as text and is parsed back into a list."""
     df = pd.read_parquet(path) if path.endswith((".parquet", ".pq")) else pd.read_csv(path)
@@ -345,10 +352,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="lenpred-schedule", description=main.__doc__)
     ap.add_argument("requests", help="parquet/CSV with llm, input_size, output_sizes and prediction columns")
     ap.add_argument("--out", default="scheduling_out", help="output directory")
-    ap.add_argument("--pred-col", default="pred_mean", help="predicted mean length column ('' to skip)")
-    ap.add_argument("--bound-col", default="pred_bound", help="predicted upper bound column ('' to skip)")
-    ap.add_argument("--knn-col", default="knn_mean", help="kNN baseline column ('' to skip)")
-    ap.add_argument("--prompt-col", default="input_size", help="prompt length column ('' to skip)")
+    for key, (what, candidates) in CLI_COLUMNS.items():
+        ap.add_argument(f"--{key}-col", help=f"{what} column ('' to skip; default: the first present of "
+                                             f"{', '.join(candidates)})")
     ap.add_argument("--loads", type=float, nargs="+", default=list(DEFAULT_LOADS),
                     help="shares of server capacity; 'inf' adds a backlog (all requests queued at t = 0); "
                          "default: %(default)s")
@@ -360,12 +366,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     df = _read_requests(a.requests)
-    cols = {k: (v or None) for k, v in dict(pred_col=a.pred_col, bound_col=a.bound_col,
-                                             knn_col=a.knn_col, prompt_col=a.prompt_col).items()}
-    for k, v in cols.items():
-        if v and v not in df.columns:
-            print(f"note: column {v!r} ({k}) not in {a.requests}; its policies are skipped", file=sys.stderr)
-    cols = {k: (v if v in df.columns else None) for k, v in cols.items()}
+    cols = {}
+    for key, (_, candidates) in CLI_COLUMNS.items():
+        named = getattr(a, f"{key}_col")
+        if named is None:  # not given: the first candidate present, e.g. the report's lenpred_mean
+            named = next((c for c in candidates if c in df.columns), "")
+            if not named:
+                print(f"note: no column {' or '.join(candidates)} in {a.requests}; its policies are skipped",
+                      file=sys.stderr)
+        elif named and named not in df.columns:
+            ap.error(f"--{key}-col {named!r} is not a column of {a.requests}; it has {list(df.columns)}")
+        cols[f"{key}_col"] = named or None
     cfg = SimConfig(max_tokens=a.max_tokens, kv_capacity=a.kv_capacity, aging_rate=a.aging_rate,
                     capacity_reservation=a.capacity_reservation)
     res = sweep(df, default_policies(**cols), a.loads, a.seeds, cfg, progress=not a.no_progress)

@@ -130,7 +130,8 @@ def _numbers(obj):
 
 def assert_md_matches_json(md: str, report: dict):
     values = list(_numbers(report))
-    cells = [c.strip() for line in md.splitlines() if line.startswith("| ") for c in line.strip("|").split("|")]
+    cells = [part.strip() for line in md.splitlines() if line.startswith("| ") for c in line.strip("|").split("|")
+             for part in c.split(" ± ")]  # "mean ± std" cells: both numbers come from the JSON
     checked = 0
     for cell in cells:
         if not re.fullmatch(r"-?\d+(\.\d+)?", cell):
@@ -266,6 +267,8 @@ def test_evaluate_end_to_end(tmp_path):
     assert {"lenpred", "median", "knn"} <= set(other) and "prompt" not in report["results"]["alpaca"][LLMS[0]]
     md = (out / "report.md").read_text()
     assert "python evaluate.py --model" in md and report["meta"]["date"] in md
+    fcfs = next(line for line in md.split("### Load 0.9")[1].splitlines() if line.startswith("| fcfs |"))
+    assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \|", fcfs) and "0.0 ± 0.0" in fcfs  # spread over seeds shown
     assert_md_matches_json(md, report)
     for rel in report["figures"].values():
         assert (out / rel).stat().st_size > 1000

@@ -157,6 +157,21 @@ def test_cli(df, tmp_path, capsys):
     assert (out / "sweep.png").stat().st_size > 0 and (out / "summary.json").exists()
 
 
+def test_cli_reads_the_reports_columns_and_rejects_absent_ones(df, tmp_path, capsys):
+    # The report's predictions.parquet names its columns lenpred_mean / lenpred_bound: found without flags.
+    path = tmp_path / "predictions.parquet"
+    df.head(200).rename(columns={"pred_mean": "lenpred_mean", "pred_bound": "lenpred_bound"}).drop(
+        columns="knn_mean").to_parquet(path)
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out), "--loads", "0.9", "--seeds", "0", "--no-progress"]) == 0
+    summ = pd.read_csv(out / "summary.csv")
+    assert {"spf_pred", "spf_pred+bound_mem"} <= set(summ["policy"]) and "spf_knn" not in set(summ["policy"])
+    assert "no column knn_mean" in capsys.readouterr().err  # a default that is absent is said, not hidden
+    with pytest.raises(SystemExit) as e:  # a column named on the command line must exist
+        main([str(path), "--out", str(out), "--pred-col", "pred_mean", "--no-progress"])
+    assert e.value.code == 2 and "'pred_mean' is not a column" in capsys.readouterr().err
+
+
 def test_backlog_shows_what_the_bound_admits(df, tmp_path):
     # load=inf queues every request at t = 0: the server never runs short of work, so the bound's
     # extra concurrency shows in full, and ordering by a good prediction cuts completion time.

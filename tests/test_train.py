@@ -122,11 +122,16 @@ def test_ema_decay_prompt_set_balance_and_llm_loss_weights(tiny_encoder, castill
     # benchmarks/score_export.py scores the export and, loaded into it, the average the run wrote
     out = tmp_path / "scores.json"
     ok(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
-                       "--averages", "plain", "--dataset", str(castillo_dir), "--split-seed", "3", "--json", str(out)],
+                       "--averages", "plain", "--dataset", str(castillo_dir), "--split-seed", "3", "--json", str(out),
+                       "--ensemble-with", "plain_export"],
                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     scores = json.loads(out.read_text())
-    assert set(scores) == {"export", "ema-0.6"} and set(scores["export"]) == {"dev", "test", "Alpaca"}
+    assert set(scores) == {"export", "ema-0.6", "ensemble"} and set(scores["export"]) == {"dev", "test", "Alpaca"}
+    for part, by_llm in scores["export"].items():  # an ensemble of a model with itself is that model
+        for llm, s in by_llm.items():
+            alone = scores["ensemble"][part][llm]
+            assert alone["mae"] == pytest.approx(s["mae"]) and alone["tau"] == pytest.approx(s["tau"]), (part, llm)
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
                               "--averages", "avg_export"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no ema-*.safetensors in avg_export" in missing.stderr
