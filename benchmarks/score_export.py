@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
+import pandas as pd
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,22 +55,23 @@ def main(argv=None) -> dict:
     parts = {"dev": splits.dev, "test": splits.test[~held], HELD_OUT_PROMPT_SET: splits.test[held]}
     parts = {part: frame for part, frame in parts.items() if len(frame)}
     exported = {k: v.clone() for k, v in model.state_dict().items()}
-    results, first = {}, None
+    results = {}
     for name, path in variants.items():
         started = time.time()
         model.load_state_dict(exported)
         if path is not None:
             model.load_state_dict(load_file(str(path)), strict=False)
         predictions = {part: predict_rows(model, tokenizer, frame, progress=False) for part, frame in parts.items()}
-        first = first or predictions  # the exported weights' predictions: the ensemble's first member
+        if path is None:
+            exported_predictions = predictions  # the ensemble's first member
         results[name] = {part: dev_scores(pred) for part, pred in predictions.items()}
-        report(name, results[name], started)
+        print_scores(name, results[name], started)
     if others:
         started = time.time()
-        preds = [first] + [{part: predict_rows(m, t, frame, progress=False) for part, frame in parts.items()}
-                           for m, t in others]
+        preds = [exported_predictions] + [{part: predict_rows(m, t, frame, progress=False)
+                                           for part, frame in parts.items()} for m, t in others]
         results["ensemble"] = {part: dev_scores(average_predictions([p[part] for p in preds])) for part in parts}
-        report("ensemble", results["ensemble"], started)
+        print_scores("ensemble", results["ensemble"], started)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results
@@ -83,7 +84,7 @@ def average_predictions(preds: list[pd.DataFrame]) -> pd.DataFrame:
                               for c in columns})
 
 
-def report(name: str, scores_by_part: dict, started: float) -> None:
+def print_scores(name: str, scores_by_part: dict, started: float) -> None:
     for part, scores in scores_by_part.items():
         line = "  ".join(f"{llm.split('/')[-1]}: MAE {s['mae']:.1f} acc@500 {100 * s['acc500']:.1f} "
                          f"τ {s['tau']:.3f}" for llm, s in scores.items())

@@ -241,9 +241,9 @@ def _regression_md(per, methods) -> str:
 
 def _noise_md(per) -> str:
     header = ["LLM", "rows", "one sample vs 10-sample mean: MAE", "MSE", "sampling error of the mean: MAE"]
-    rows = [[short_llm_name(llm), fmt(e["noise_floor"]["n_rows"], "int"), fmt(e["noise_floor"]["single_sample_mae"], "mae"),
-             fmt(e["noise_floor"]["single_sample_mse"], "mse"), fmt(e["noise_floor"]["mean_sampling_mae"], "mae")]
-            for llm, e in per.items()]
+    rows = [[short_llm_name(llm), fmt(e["noise_floor"]["n_rows"], "int"),
+             fmt(e["noise_floor"]["single_sample_mae"], "mae"), fmt(e["noise_floor"]["single_sample_mse"], "mse"),
+             fmt(e["noise_floor"]["mean_sampling_mae"], "mae")] for llm, e in per.items()]
     return md_table(header, rows)
 
 
@@ -320,7 +320,8 @@ def render_scheduling(sched: dict) -> str:
     missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
 
     def cell(row, key, kind):
-        value, sd = row.get(key), row.get(key[:-len("_mean")] + "_std") if key in spread else None
+        value = row.get(key)
+        sd = row.get(key.removesuffix("_mean") + "_std") if key in spread else None
         if missing(value):
             return "—"
         return show[kind](value) + ("" if missing(sd) else f" ± {show[kind](sd)}")
