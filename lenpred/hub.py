@@ -70,8 +70,15 @@ def export_model(model: LenPredModel, tokenizer, out_dir: str | Path, model_card
 
 
 def load_export(path: str | Path, device: str | None = None):
-    """(model, tokenizer) of an export folder, through the Auto classes as a user would."""
-    model = AutoModel.from_pretrained(str(path), trust_remote_code=True)
+    """(model, tokenizer) of an export folder (or Hub id), through the Auto classes as a user would."""
+    try:
+        model = AutoModel.from_pretrained(str(path), trust_remote_code=True)
+    except OSError as err:
+        if Path(path).is_dir():
+            raise
+        # transformers takes a missing folder for a Hub id and answers with a network error: say what was looked for
+        raise OSError(f"{path} is not a folder here, and as a Hub id it could not be loaded "
+                      f"({str(err).splitlines()[0]})") from None
     if device:
         model.to(device)
     return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lenpred.hub import REMOTE_CODE_FILES, export_model, push_export
+from lenpred.hub import REMOTE_CODE_FILES, export_model, load_export, push_export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,13 @@ def test_push_offline_fails_with_one_clear_message(export_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="Could not push .* to the Hub"):
         push_export(export_dir, "someone/lenpred-test", token="hf_dummy")
+
+
+def test_a_missing_export_folder_is_named_in_the_error(tmp_path):
+    missing = tmp_path / "outputs" / "no-such-export"
+    expected = f"{missing} is not a folder here, and as a Hub id it could not be loaded"
+    with pytest.raises(OSError, match=re.escape(expected)):
+        load_export(missing)
 
 
 def test_pipeline_bad_input(export_dir):
