@@ -66,10 +66,17 @@ class LenPredConfig(PretrainedConfig):
         prompt_length_slope (`bool`): add a per-LLM slope times `log1p(prompt tokens)` straight to the predicted
             `log1p(mean)`, beside the MLP (one scalar among ~290 MLP inputs is easily under-used; code answers grow
             with the prompt). Needs `use_prompt_length`.
+        pooling (`str`): `"mean"` averages the encoder's token states; `"attention"` weighs them by a learned
+            score (started at zero, so training starts from the mean) — a short instruction inside a long pasted
+            text is otherwise diluted by it.
         bin_loss_weight, mean_loss_weight, std_loss_weight (`float`): weights of the three loss terms.
         rank_loss_weight (`float`): weight of a pairwise ranking loss on the predicted means of prompts in the same
             batch for the same LLM (what a shortest-first scheduler needs is the order, not only the value).
         reservation_quantile (`float`): quantile of one answer's length used as the memory-reservation bound.
+        bound_offsets (`dict[str, list[float]]`, *optional*): per quantile (key `f"{q:g}"`), one offset per LLM
+            added to `log1p` of the log-normal quantile so that the bound covers that share of held-out answers
+            (split-conformal, fitted on the dev split by `lenpred calibrate`; train.py runs it). The log-normal of
+            the answers' own spread alone ignores the predictor's error and covers far less than nominal.
 
     Example:
 
@@ -101,11 +108,13 @@ class LenPredConfig(PretrainedConfig):
     use_prompt_length: bool = True
     full_prompt_length: bool = False
     prompt_length_slope: bool = False
+    pooling: str = "mean"
     bin_loss_weight: float = 1.0
     mean_loss_weight: float = 1.0
     std_loss_weight: float = 0.5
     rank_loss_weight: float = 0.0
     reservation_quantile: float = 0.99
+    bound_offsets: dict[str, list[float]] | None = None
 
     def __post_init__(self, **kwargs):
         if self.encoder_config is None:
@@ -128,10 +137,16 @@ class LenPredConfig(PretrainedConfig):
             raise ValueError(f"prompt_tail_tokens must be in [0, max_length - 2], got {self.prompt_tail_tokens}")
         if self.prompt_length_slope and not self.use_prompt_length:
             raise ValueError("prompt_length_slope needs use_prompt_length=True")
+        if self.pooling not in ("mean", "attention"):
+            raise ValueError(f"pooling must be 'mean' or 'attention', got {self.pooling!r}")
         if self.target_transform != "log1p":
             raise ValueError(f"target_transform must be 'log1p', got {self.target_transform!r}")
         if not 0.5 <= self.reservation_quantile < 1.0:
             raise ValueError(f"reservation_quantile must be in [0.5, 1), got {self.reservation_quantile}")
+        for q, offsets in (self.bound_offsets or {}).items():
+            if not 0.0 < float(q) < 1.0 or len(offsets) != len(self.llm_names):
+                raise ValueError(f"bound_offsets[{q!r}] must be a quantile in (0, 1) with one offset per LLM "
+                                 f"({len(self.llm_names)}), got {len(offsets)}")
         # The bins double as the labels of the stock text-classification pipeline.
         if kwargs.get("id2label") is None and self.id2label is None:
             self.id2label = dict(enumerate(bin_labels(self.bin_edges)))

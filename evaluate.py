@@ -33,7 +33,7 @@ from lenpred.metrics import nominal_coverage
 from lenpred.figures import plot_figures, plot_sweep
 from lenpred.report import PAPER_CITATION, build_results, calibration_curve, order_llms, render_markdown, write_json
 from lenpred.scheduling import DEFAULT_LOADS
-from modeling_lenpred import lognormal_quantile
+from prediction_lenpred import lognormal_quantile
 
 __all__ = ["parse_args", "main", "select_prompts", "add_model_predictions", "add_reference_baselines",
            "add_prompt_baseline", "training_summary"]
@@ -84,17 +84,20 @@ def select_prompts(rows: pd.DataFrame, max_prompts: int | None, seed: int = 0) -
 
 
 def _with_bound(rows: pd.DataFrame, method: str, q: float) -> pd.DataFrame:
-    """The same log-normal q-quantile bound the model uses, from a baseline's mean and std, for a fair coverage."""
+    """The log-normal q-quantile bound (and the 0.99 quantile, for the p99 class) from a baseline's mean and std:
+    the model's formula before its split-conformal offsets, which the baselines do not get."""
     mean = torch.tensor(rows[f"{method}_mean"].to_numpy(float))
     std = torch.tensor(rows[f"{method}_std"].to_numpy(float))
-    return rows.assign(**{f"{method}_bound": lognormal_quantile(mean, std, q).numpy()})
+    return rows.assign(**{f"{method}_bound": lognormal_quantile(mean, std, q).numpy(),
+                          f"{method}_p99": lognormal_quantile(mean, std, 0.99).numpy()})
 
 
 def add_model_predictions(model, tokenizer, rows: pd.DataFrame, batch_size: int) -> pd.DataFrame:
     """`lenpred_*` columns from one encoder pass per prompt for all LLMs (`predict_rows`)."""
     pred = predict_rows(model, tokenizer, rows, batch_size=batch_size, progress=True)
     return rows.assign(lenpred_mean=pred["pred_mean"].to_numpy(), lenpred_std=pred["pred_std"].to_numpy(),
-                       lenpred_bound=pred["pred_bound"].to_numpy(), lenpred_bin=pred["pred_bin"].to_numpy())
+                       lenpred_bound=pred["pred_bound"].to_numpy(), lenpred_p99=pred["pred_p99"].to_numpy(),
+                       lenpred_bin=pred["pred_bin"].to_numpy())
 
 
 def add_reference_baselines(rows: pd.DataFrame, pool: pd.DataFrame, q: float, knn: bool = True, k: int = 16,
@@ -188,10 +191,15 @@ def _notes(config, args, pool: pd.DataFrame, meta: dict) -> list[str]:
          f"accuracy at {head} with the bin of its predicted mean too (issue 3's definition of acc@500)." if head else
          "The bin head's edges differ from uniform bins, so every column is the bin of the predicted mean.")
         + f" Bins are uniform up to {config.bin_max_tokens} tokens, the last one open-ended.",
-        f"p99-bin accuracy: the bin (size {config.bin_size}) of the predicted reservation bound vs the bin of the "
-        "true p99 of the row's sampled sizes (numpy linear percentile).",
-        f"Reservation bound: the log-normal {config.reservation_quantile:g}-quantile from predicted mean and std "
-        "(baselines: the same formula from their own mean and std); coverage = share of sampled sizes ≤ bound.",
+        f"p99-bin accuracy: the bin (size {config.bin_size}) of the 0.99 quantile of the predicted log-normal (from "
+        "mean and std, without the reservation bound's calibration: it estimates the prompt's own p99, as the "
+        "paper's p99 class does) vs the bin of the true p99 of the row's sampled sizes (numpy linear percentile).",
+        f"Reservation bound: the log-normal {config.reservation_quantile:g}-quantile from predicted mean and std, "
+        + ("shifted per LLM by split-conformal offsets fitted on the dev split (`config.bound_offsets`, "
+           "`lenpred calibrate`)" if (config.bound_offsets or {}).get(f"{config.reservation_quantile:g}")
+           else "uncalibrated (no `config.bound_offsets` for it)")
+        + " (baselines: the same log-normal formula from their own mean and std, uncalibrated); coverage = share "
+        "of sampled sizes ≤ bound.",
         "Calibration: share of all sampled sizes inside predicted mean ± 1σ / ± 2σ vs the normal's nominal share.",
         "Kendall τ-b: predicted vs true mean within each (LLM, prompt set), weighted by its size; constant "
         "predictions count 0 (the median baseline therefore scores 0).",
@@ -261,7 +269,8 @@ def main(argv=None) -> dict:
     # a key that an older export's config lacks takes the class default, which is how that export behaves
     report["model_config"] = {k: getattr(config, k, getattr(LenPredConfig, k)) for k in (
         "llm_names", "bin_size", "bin_edges", "end_dim", "head_hidden_dim", "dropout", "max_length",
-        "reservation_quantile", "llm_embedding_dim", "use_prompt_length", "prompt_tail_tokens", "full_prompt_length")}
+        "reservation_quantile", "llm_embedding_dim", "use_prompt_length", "prompt_tail_tokens", "full_prompt_length",
+        "pooling", "bound_offsets")}
     report["model_config"]["encoder_layers"] = config.encoder_config.get("num_hidden_layers")
     report["model_config"]["encoder_hidden_size"] = config.encoder_config.get("hidden_size")
     tick("scores", t0)

@@ -2,7 +2,8 @@
 mean/std head. One encoder pass serves every LLM the model knows.
 
 This file is remote code: it is copied into every exported Hub folder and imports nothing from the
-project's `lenpred` package — only transformers, torch and its sibling `configuration_lenpred`.
+project's `lenpred` package — only transformers, torch and its siblings `configuration_lenpred` and
+`prediction_lenpred` (the prediction path all backends share).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_lenpred import LenPredConfig
+    from .prediction_lenpred import LenPredPrediction, predict_in_batches
 except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
+    from prediction_lenpred import LenPredPrediction, predict_in_batches
 
 __all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput",
-           "LenPredPrediction", "check_prompts", "lognormal_quantile", "pairwise_rank_loss", "predict_in_batches",
-           "tokenize_prompts"]
+           "pairwise_rank_loss"]
 
 
 @dataclass
@@ -52,88 +54,8 @@ class LenPredOutput(ModelOutput):
     log_std: torch.FloatTensor | None = None
 
 
-@dataclass
-class LenPredPrediction:
-    """What `LenPredModel.predict` returns: arrays of shape `(n_prompts, n_llms[, num_bins])` on the CPU."""
-
-    llm_names: list[str]
-    mean: torch.Tensor
-    std: torch.Tensor
-    bound: torch.Tensor
-    bin_probs: torch.Tensor
-    bin_edges: list[int]
-    reservation_quantile: float
-
-
-def check_prompts(prompts) -> list[str]:
-    """Bad input gets a clear error: non-strings are a `TypeError`, empty or blank prompts a `ValueError`."""
-    items = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(items, (list, tuple)):
-        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
-    for i, p in enumerate(items):
-        if not isinstance(p, str):
-            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__}")
-        if not p.strip():
-            raise ValueError(f"prompt {i} is empty or whitespace only; nothing to predict a length for")
-    if not items:
-        raise ValueError("no prompts given")
-    return list(items)
-
-
 #: The length feature is log1p(prompt tokens) / this, about 1 for a 512-token prompt; the slope term undoes it.
 LENGTH_FEATURE_SCALE = math.log(512.0)
-
-
-def tokenize_prompts(tokenizer, prompts: Sequence[str], config: LenPredConfig,
-                     max_length: int | None = None) -> tuple[list[list[int]], list[int]]:
-    """Encoder ids of each prompt and its full length in encoder tokens (special tokens included).
-
-    A prompt longer than `max_length` (default `config.max_length`) keeps its head and, when
-    `config.prompt_tail_tokens` > 0, that many tokens of its end; the closing special token stays. With no tail
-    this is exactly the tokenizer's own `truncation=True`. The full length feeds the length feature
-    (`config.full_prompt_length`), which would otherwise stop growing at `max_length`.
-    """
-    max_length = max_length or config.max_length
-    full = tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]
-    sep = tokenizer.sep_token_id
-    ids = []
-    for seq in full:
-        if len(seq) > max_length:
-            closing = 1 if sep is not None and seq[-1] == sep else 0
-            tail = min(getattr(config, "prompt_tail_tokens", 0), max_length - 1 - closing) + closing
-            seq = seq[: max_length - tail] + (seq[-tail:] if tail else [])
-        ids.append(seq)
-    return ids, [len(seq) for seq in full]
-
-
-def predict_in_batches(config: LenPredConfig, tokenizer, prompts, llms, run_batch, batch_size: int = 32,
-                       max_length: int | None = None, progress: bool = False,
-                       desc: str = "predict") -> LenPredPrediction:
-    """The batching every backend shares: check the prompts, resolve the LLM names, tokenize (head + tail, whole
-    lengths), sort by length, pad each batch to its own longest prompt and call
-    `run_batch(input_ids, attention_mask, prompt_length, llm_ids)` → (bin probs, mean, std) CPU tensors of shape
-    (batch, len(llm_ids)[, num_bins]); then put the prompts back in their order."""
-    prompts = check_prompts(prompts)
-    names = config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
-    ids = [config.llm_index(config.resolve_llm(n)) for n in names]
-    names = [config.llm_names[i] for i in ids]
-    encoded, lengths = tokenize_prompts(tokenizer, prompts, config, max_length)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs = [None] * len(prompts)
-    batches = range(0, len(order), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=desc, unit="batch")
-    for start in batches:
-        idx = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-        rows = run_batch(batch["input_ids"], batch["attention_mask"], torch.tensor([lengths[i] for i in idx]), ids)
-        for i, row in zip(idx, zip(*rows)):
-            outputs[i] = row
-    probs, mean, std = (torch.stack(t) for t in zip(*outputs))
-    q = config.reservation_quantile
-    return LenPredPrediction(names, mean, std, lognormal_quantile(mean, std, q), probs, list(config.bin_edges), q)
 
 
 def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
@@ -149,15 +71,6 @@ def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor, margin: floa
     if not pairs.any():
         return scores.sum() * 0.0
     return F.softplus(-diff_pred[pairs]).mean()
-
-
-def lognormal_quantile(mean: torch.Tensor, std: torch.Tensor, q: float) -> torch.Tensor:
-    """Quantile `q` of the log-normal with this mean and std: answer lengths are positive and right-skewed,
-    so a moment-matched log-normal gives a tighter, more honest upper bound than mean + kσ."""
-    mean = mean.clamp(min=1.0)
-    sigma2 = torch.log1p((std / mean) ** 2)
-    z = math.sqrt(2.0) * torch.erfinv(torch.tensor(2 * q - 1, dtype=mean.dtype, device=mean.device))
-    return torch.exp(torch.log(mean) - sigma2 / 2 + z * sigma2.sqrt())
 
 
 class LenPredPreTrainedModel(PreTrainedModel):
@@ -180,8 +93,10 @@ class LenPredPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.weight, -bound, bound)
                 init.zeros_(module.bias)
             return
-        if module is getattr(self, "length_slope", None):
+        if module is getattr(self, "length_slope", None) or module is getattr(self, "pool_score", None):
             init.zeros_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
             return
         super()._init_weights(module)
         if isinstance(module, BertEmbeddings):
@@ -197,6 +112,8 @@ class LenPredModel(LenPredPreTrainedModel):
         super().__init__(config)
         bert_config = config.bert_config()
         self.encoder = BertModel(bert_config, add_pooling_layer=False)
+        # Attention pooling's token scores (zero at the start: plain mean pooling), see `config.pooling`.
+        self.pool_score = nn.Linear(bert_config.hidden_size, 1) if config.pooling == "attention" else None
         self.reduce = nn.Linear(bert_config.hidden_size, config.end_dim)
         self.llm_embedding = nn.Embedding(max(config.num_llms, 1), config.llm_embedding_dim)
         in_dim = config.end_dim + config.llm_embedding_dim + int(config.use_prompt_length)
@@ -241,6 +158,9 @@ class LenPredModel(LenPredPreTrainedModel):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pool_score is not None:
+            scores = self.pool_score(hidden).masked_fill(mask == 0, torch.finfo(hidden.dtype).min)
+            mask = torch.softmax(scores, dim=1) * mask  # weights over the prompt's tokens, summing to 1
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         vector = self.reduce(pooled)
         if self.config.use_prompt_length:
@@ -363,10 +283,12 @@ class LenPredModel(LenPredPreTrainedModel):
         max_length: int | None = None,
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
+        quantile: float | None = None,
     ) -> LenPredPrediction:
         """Predict for every prompt and every requested LLM: no autograd, batches sorted by length with dynamic
         padding, one encoder pass per prompt. Prompts longer than `max_length` (default `config.max_length`)
-        encoder tokens are truncated to it (see `tokenize_prompts`)."""
+        encoder tokens are truncated to it (see `tokenize_prompts`). `quantile`: the bound's (default
+        `config.reservation_quantile`)."""
         device = self.device
         was_training = self.training
         self.eval()
@@ -382,7 +304,7 @@ class LenPredModel(LenPredPreTrainedModel):
 
         try:
             return predict_in_batches(self.config, tokenizer, prompts, llms, run_batch, batch_size, max_length,
-                                      progress)
+                                      progress, quantile=quantile)
         finally:
             self.train(was_training)
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import torch
 from transformers import Pipeline
 
 try:
     from .configuration_lenpred import bin_labels
-    from .modeling_lenpred import LenPredPrediction, check_prompts
+    from .prediction_lenpred import LenPredPrediction, check_prompts, lognormal_quantile
 except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import bin_labels
-    from modeling_lenpred import LenPredPrediction, check_prompts
+    from prediction_lenpred import LenPredPrediction, check_prompts, lognormal_quantile
 
 __all__ = ["LenPredPipeline", "predict_response_length", "PIPELINE_TASK", "HUB_MODEL_ID"]
 
@@ -47,6 +48,7 @@ def format_predictions(pred: LenPredPrediction) -> list[list[dict]]:
                 "bin_probabilities": {lab: float(v) for lab, v in zip(labels, probs)},
                 "reservation_quantile": q,
                 "upper_bound": float(pred.bound[p, j]),
+                "bound_calibrated": pred.bound_calibrated,
             })
         out.append(rows)
     return out
@@ -93,14 +95,16 @@ class LenPredPipeline(Pipeline):
     def predict_response_length(self, prompt: str, model: str, task: str = "regression") -> dict:
         """The paper's API (Appendix B): `model` is the LLM's id (or a unique part of it, e.g. `"llama-3.2-3B"`);
         `task="regression"` gives `predicted_mean`/`predicted_std`, `task="classification"` the bin and its range
-        (plus the bin of the upper bound, the paper's `predicted_p99_class`)."""
+        (plus the paper's `predicted_p99_class`: the bin of the 99th percentile of the predicted log-normal answer
+        distribution — an estimate of the prompt's own p99, so without the reservation bound's calibration)."""
         if task not in ("regression", "classification"):
             raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
         row = self(prompt, llm=model)[0]
         if task == "regression":
             return {"llm": row["llm"], "predicted_mean": row["predicted_mean"], "predicted_std": row["predicted_std"]}
         edges = self.model.config.bin_edges
-        bound_bin = sum(e <= row["upper_bound"] for e in edges) - 1
+        p99 = float(lognormal_quantile(torch.tensor(row["predicted_mean"]), torch.tensor(row["predicted_std"]), 0.99))
+        bound_bin = sum(e <= p99 for e in edges) - 1
         return {
             "llm": row["llm"],
             "predicted_class": row["predicted_bin"],

@@ -26,11 +26,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_lenpred import LenPredConfig
 from lenpred.averaging import WeightAverages
+from lenpred.calibration import QUANTILES, fit_bound_offsets
 from lenpred.data import PAPER_LLMS, load_castillo, make_splits
 from lenpred.examples import group_by_prompt, label_weights
 from lenpred.hub import default_encoder_path, export_model, load_export
 from lenpred.metrics import classification_scores, regression_scores
-from modeling_lenpred import LenPredModel, tokenize_prompts
+from modeling_lenpred import LenPredModel
+from prediction_lenpred import tokenize_prompts
 
 logger = logging.getLogger("lenpred.train")
 
@@ -58,8 +60,12 @@ class ModelArguments:
         "help": "the length feature counts the prompt's tokens before truncation (else those the encoder sees)"})
     prompt_length_slope: bool = field(default=False, metadata={
         "help": "a per-LLM slope from log1p(prompt tokens) straight to log1p(mean), beside the MLP"})
+    pooling: str = field(default="mean", metadata={
+        "help": "mean | attention: how the encoder's token states become one prompt vector"})
     rank_loss_weight: float = field(default=0.0, metadata={
         "help": "weight of a pairwise ranking loss on the predicted means (same LLM, same batch)"})
+    reservation_quantile: float = field(default=0.9, metadata={
+        "help": "quantile of one answer's length the bound reserves; calibrated on the dev split at the end"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
     keep_best: bool = field(default=True, metadata={
         "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match; "
@@ -132,7 +138,8 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         names = list(old.config.llm_names) + [n for n in llm_names if n not in old.config.llm_names]
         config = LenPredConfig(**{**old.config.to_dict(), "llm_names": names, "bin_loss_weight": bin_w,
                                   "mean_loss_weight": mean_w, "std_loss_weight": std_w,
-                                  "rank_loss_weight": rank_w})
+                                  "rank_loss_weight": rank_w, "reservation_quantile": margs.reservation_quantile,
+                                  "bound_offsets": None})  # refitted at the end, for every LLM
         model = LenPredModel(config)
         state, fresh, n_old = old.state_dict(), model.state_dict(), old.config.num_llms
         for key in ("llm_embedding.weight", "length_slope.weight"):  # the per-LLM tables grow by the new LLMs
@@ -150,6 +157,7 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         dropout=margs.dropout, max_length=margs.max_length,
         prompt_tail_tokens=margs.max_length // 2 if margs.prompt_tail_tokens is None else margs.prompt_tail_tokens,
         full_prompt_length=margs.full_prompt_length, prompt_length_slope=margs.prompt_length_slope,
+        pooling=margs.pooling, reservation_quantile=margs.reservation_quantile,
         bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w, rank_loss_weight=rank_w)
     # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.
     with torch.no_grad():
@@ -271,6 +279,11 @@ def main(argv=None) -> dict:
     info = {"world_size": targs.world_size, "llm_names": names, "train_prompts": len(train_ds),
             "seconds": round(time.time() - started, 1), "command": " ".join(sys.argv), "splits": splits.summary()}
     if trainer.is_world_process_zero():
+        if len(splits.dev):  # the dev answers were not trained on: the bound's split-conformal calibration set
+            trainer.model.config.bound_offsets = fit_bound_offsets(
+                trainer.model, tokenizer, splits.dev, {*QUANTILES, trainer.model.config.reservation_quantile})
+        else:
+            logger.warning("no dev split: the reservation bound is left uncalibrated")
         export = export_model(trainer.model, tokenizer, dargs.export_dir)
         shutil.copy2(Path(targs.output_dir) / "trainer_state.json", export / "trainer_state.json")
         for name, values in metrics.items():

@@ -44,7 +44,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from modeling_lenpred import tokenize_prompts  # noqa: E402
+from prediction_lenpred import tokenize_prompts  # noqa: E402
 
 GOALS_CPU = {"p50_ms": 10.0, "prompts_per_s": 60.0, "fast_over_naive": 5.0}
 GOALS_GPU = {"p50_ms": 2.0, "prompts_per_s": 5000.0, "fast_over_naive": 5.0}

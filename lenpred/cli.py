@@ -17,6 +17,7 @@ __all__ = ["main", "build_parser"]
 # `simulate` and `export` keep their own parsers: everything after the subcommand goes to them as is.
 DELEGATES = {
     "simulate": ("lenpred.scheduling", "replay requests through the scheduling simulator (lenpred.scheduling)"),
+    "calibrate": ("lenpred.calibration", "refit an export's reservation bound on held-out answers (lenpred.calibration)"),
     "export": ("lenpred.hub", "re-export a model folder with remote code, or push it to the Hub (lenpred.hub)"),
 }
 

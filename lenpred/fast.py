@@ -28,7 +28,7 @@ from torch import nn
 
 from configuration_lenpred import LenPredConfig
 from lenpred.inference import CPU_OPTIONS
-from modeling_lenpred import LenPredPrediction, predict_in_batches
+from prediction_lenpred import LenPredPrediction, predict_in_batches
 
 __all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
            "AGREEMENT_BAR", "CPU_OPTIONS", "build_option", "onnxruntime_available", "check_agreement"]

@@ -23,7 +23,8 @@ __all__ = ["export_model", "push_export", "load_export", "REMOTE_CODE_FILES", "d
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REMOTE_CODE_FILES = ("configuration_lenpred.py", "modeling_lenpred.py", "pipeline_lenpred.py", "handler.py")
+REMOTE_CODE_FILES = ("configuration_lenpred.py", "modeling_lenpred.py", "prediction_lenpred.py", "pipeline_lenpred.py",
+                     "handler.py")
 
 
 def default_encoder_path() -> str:

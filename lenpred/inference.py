@@ -16,10 +16,11 @@ import pandas as pd
 import torch
 
 from lenpred.data import prompt_table
+from prediction_lenpred import lognormal_quantile
 
 __all__ = ["predict_rows", "PREDICTION_COLUMNS", "MicroBatcher", "CPU_OPTIONS"]
 
-PREDICTION_COLUMNS = ("pred_mean", "pred_std", "pred_bound", "pred_bin", "pred_bin_probs")
+PREDICTION_COLUMNS = ("pred_mean", "pred_std", "pred_bound", "pred_p99", "pred_bin", "pred_bin_probs")
 #: The CPU options `lenpred.fast.build_option` makes; `--backend` adds "torch", the fp32 path. Kept here, not in
 #: `lenpred.fast` (which imports transformers), so that building the CLI's parsers stays quick.
 CPU_OPTIONS = ("int8", "onnx", "onnx-int8")
@@ -42,10 +43,12 @@ def predict_rows(model, tokenizer, rows: pd.DataFrame, batch_size: int = 64, pro
     p = pd.Index(prompts["prompt_id"]).get_indexer(rows["prompt_id"])
     j = pd.Index(llms).get_indexer(rows["llm"])
     probs = pred.bin_probs.numpy()[p, j]
+    p99 = lognormal_quantile(pred.mean, pred.std, 0.99).numpy()  # the prompt's own p99, no calibration offset
     return rows.assign(
         pred_mean=pred.mean.numpy()[p, j].astype(float),
         pred_std=pred.std.numpy()[p, j].astype(float),
         pred_bound=pred.bound.numpy()[p, j].astype(float),
+        pred_p99=p99[p, j].astype(float),  # for the paper's p99 class, whatever the reservation quantile
         pred_bin=probs.argmax(-1),
         pred_bin_probs=list(probs.astype(np.float32)),
     )

@@ -109,6 +109,12 @@ def card_values(report: dict) -> dict[str, str]:
         "encoder_layers": str(cfg.get("encoder_layers")), "encoder_hidden_size": str(cfg.get("encoder_hidden_size")),
         "end_dim": str(cfg.get("end_dim")), "max_length": str(cfg.get("max_length")),
         "truncation": _truncation_text(cfg),
+        "pooling": "attention pooling (learned token weights)" if cfg.get("pooling") == "attention"
+                   else "masked mean pooling",
+        "bound_calibration": ("calibrated per LLM to cover that share of held-out answers: split-conformal "
+                              "offsets fitted on the dev split")
+                             if f"{meta['reservation_quantile']:g}" in (cfg.get("bound_offsets") or {})
+                             else "from the log-normal of the predicted mean and std, uncalibrated",
         "paper_citation": PAPER_CITATION.rsplit(",", 1)[0],
         "llm_list": ", ".join(f"`{m}`" for m in cfg.get("llm_names", llms)),
         "hub_id": _hub_id(), "example_llm": llms[0] if llms else "",

@@ -2,8 +2,8 @@
 
 Every table is built from one JSON-able dict (`build_results`), and the Markdown is rendered from that dict, so
 `report.json` and `report.md` agree by construction (the figures are `lenpred.figures`). Table builders take a
-DataFrame of rows with prediction columns `{method}_mean`, `{method}_std` and optionally `{method}_bound` and
-`{method}_bin` (bin-head argmax).
+DataFrame of rows with prediction columns `{method}_mean`, `{method}_std` and optionally `{method}_bound` (the
+reservation quantile), `{method}_p99` (the estimated p99 of the prompt's answers) and `{method}_bin` (bin-head argmax).
 """
 
 from __future__ import annotations
@@ -111,12 +111,12 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
     out["coverage_2sigma"] = interval_coverage(sizes, pred, std, 2.0) if has_std else None
     out["bound_coverage"] = bound_coverage(sizes, bound) if bound is not None else None
     out["p99_bin_accuracy"] = None
-    if bound is not None and head_bin_size:
-        p99 = true_p99(sizes)
-        keep = _finite(p99) & _finite(bound)
+    if f"{method}_p99" in rows and head_bin_size:  # the paper's p99 class: the estimated p99 of the prompt's answers
+        bound99, p99 = rows[f"{method}_p99"].to_numpy(float), true_p99(sizes)
+        keep = _finite(p99) & _finite(bound99)
         edges = make_bin_edges(head_bin_size, max_tokens)
         if keep.any():
-            out["p99_bin_accuracy"] = float(np.mean(bin_index(bound[keep], edges) == bin_index(p99[keep], edges)))
+            out["p99_bin_accuracy"] = float(np.mean(bin_index(bound99[keep], edges) == bin_index(p99[keep], edges)))
     return out
 
 

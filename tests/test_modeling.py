@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from configuration_lenpred import LenPredConfig, bin_labels, make_bin_edges
-from modeling_lenpred import LenPredModel, lognormal_quantile, pairwise_rank_loss, tokenize_prompts
+from modeling_lenpred import LenPredModel, pairwise_rank_loss
+from prediction_lenpred import lognormal_quantile, tokenize_prompts
 
 NAN = float("nan")
 
@@ -150,6 +151,27 @@ def test_prompt_length_slope_adds_a_per_llm_term_to_the_log_mean(tiny_model, tok
     torch.testing.assert_close(LenPredModel.from_pretrained(tmp_path).eval()(**enc).mean, after.mean)
     with pytest.raises(ValueError, match="prompt_length_slope needs use_prompt_length"):
         LenPredConfig(prompt_length_slope=True, use_prompt_length=False)
+
+
+def test_attention_pooling_starts_as_the_mean_and_weighs_tokens_once_trained(tiny_model, tokenizer, tmp_path):
+    """`pooling="attention"`: its token scores start at zero (mean pooling, the same outputs); once scored, padding
+    still gets no weight (a prompt padded in a batch predicts as alone) and save/load keeps the scores."""
+    pooled = LenPredModel(LenPredConfig(**{**tiny_model.config.to_dict(), "pooling": "attention"})).eval()
+    missing = pooled.load_state_dict(tiny_model.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["pool_score.bias", "pool_score.weight"] and pooled.pool_score.weight.abs().sum() == 0
+    prompts = ("Write a poem about the sea.", "def f(x): return x + 1 if x else None  # a longer prompt")
+    enc = batch(tokenizer, prompts)
+    torch.testing.assert_close(pooled(**enc).mean, tiny_model(**enc).mean)
+    with torch.no_grad():
+        pooled.pool_score.weight.normal_(0, 1.0)
+    after = pooled(**enc).mean
+    assert not torch.allclose(after, tiny_model(**enc).mean)
+    alone = pooled(**batch(tokenizer, prompts[:1])).mean
+    torch.testing.assert_close(after[0], alone[0], rtol=1e-4, atol=1e-4)
+    pooled.save_pretrained(tmp_path)
+    torch.testing.assert_close(LenPredModel.from_pretrained(tmp_path).eval()(**enc).mean, after)
+    with pytest.raises(ValueError, match="pooling must be 'mean' or 'attention'"):
+        LenPredConfig(pooling="max")
 
 
 def test_save_and_load_give_identical_outputs(tiny_model, tokenizer, tmp_path):

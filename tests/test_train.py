@@ -46,6 +46,10 @@ def test_train_exports_a_loadable_model_with_metrics(tiny_encoder, castillo_dir,
 
     model = AutoModel.from_pretrained(export, trust_remote_code=True)
     assert model.config.llm_names == info["llm_names"]
+    # the bound is calibrated on the dev split at the end: the default 0.9 and the paper's 0.99, per LLM
+    assert model.config.reservation_quantile == 0.9
+    assert {"0.5", "0.9", "0.95", "0.99"} == set(model.config.bound_offsets)
+    assert all(len(v) == 3 for v in model.config.bound_offsets.values())
 
 
 def test_two_process_ddp_on_cpu(tiny_encoder, castillo_dir, tmp_path):
@@ -81,7 +85,7 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_
 def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "base",
               "--max_steps", "2", "--llms", "meta-llama/Llama-3.2-1B-Instruct,meta-llama/Llama-3.2-3B-Instruct",
-              "--prompt_length_slope"], tmp_path))
+              "--prompt_length_slope", "--pooling", "attention"], tmp_path))
     rows = [{"prompt_text": f"Question number {i}: explain {'everything' if i % 2 else 'briefly'}",
              "model": "new-org/New-LLM-2B", "output_sizes": [50 + 300 * (i % 2)]} for i in range(12)]
     log = tmp_path / "logs.jsonl"
@@ -97,6 +101,9 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     assert model.llm_embedding.weight.shape[0] == 3 and model.length_slope.weight.shape == (3, 1)  # both tables grew
     base = AutoModel.from_pretrained(tmp_path / "base", trust_remote_code=True)
     assert model.config.prompt_length_slope and base.length_slope.weight.abs().sum() > 0  # trained, then carried on
+    assert model.config.pooling == "attention" and base.pool_score.weight.abs().sum() > 0
+    # the bound is recalibrated for the grown LLM list (the log's single lengths: one pooled offset for all)
+    assert all(len(v) == 3 for v in model.config.bound_offsets.values())
     pred = model.predict("Question number 99: explain everything", AutoTokenizer.from_pretrained(tmp_path / "adapted"),
                          llms="new-org/New-LLM-2B")
     assert pred.mean.shape == (1, 1) and torch.isfinite(pred.mean).all()

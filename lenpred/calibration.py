@@ -1,0 +1,142 @@
+"""Split-conformal calibration of the reservation bound.
+
+The bound is a quantile of the log-normal fitted to the predicted mean and std — the spread of the answers
+alone. The predictor's own error comes on top, so that "p99" covered about 83 % of held-out answers. Here each
+LLM's bound gets one offset in `log1p` space: the conformal quantile, over the dev split's sampled answer
+lengths, of `log1p(length) − log1p(bound)`. On exchangeable prompts the shifted bound covers at least `q` of
+answers (split conformal prediction: Vovk et al. 2005; Angelopoulos & Bates 2021). The offsets live in
+`config.bound_offsets`, which the model's one prediction path applies.
+
+    lenpred calibrate outputs/lenpred-minilm            # refit on the dev split train.py used (split seed 42)
+    lenpred calibrate outputs/lenpred-minilm --reservation-quantile 0.9   # and reserve that quantile from now on
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prediction_lenpred import lognormal_quantile
+
+__all__ = ["QUANTILES", "MIN_ANSWERS", "conformal_offset", "fit_bound_offsets", "calibrate_export", "main"]
+
+logger = logging.getLogger(__name__)
+#: Quantiles calibrated by default (besides the model's own `reservation_quantile`): the paper's p99 among them.
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+#: An LLM with fewer held-out answers than this takes the offset pooled over all LLMs.
+MIN_ANSWERS = 100
+
+
+def conformal_offset(scores: np.ndarray, q: float) -> float:
+    """The ⌈(n + 1) q⌉-th smallest score: adding it to every bound makes a new answer's coverage ≥ q."""
+    scores = np.sort(np.asarray(scores, float))
+    if not len(scores):
+        raise ValueError("no held-out answers to calibrate on")
+    k = min(math.ceil((len(scores) + 1) * q), len(scores)) - 1
+    return float(scores[k])
+
+
+def _answer_sizes(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Rows that hold sampled lengths (a log with only a mean per prompt tells no single answer's length)."""
+    if "output_sizes" not in rows:
+        return rows.iloc[:0], len(rows)
+    has = rows["output_sizes"].map(lambda s: isinstance(s, (list, tuple, np.ndarray)) and len(s) > 0)
+    return rows[has], int((~has).sum())
+
+
+def fit_bound_offsets(model, tokenizer, rows: pd.DataFrame, quantiles=QUANTILES,
+                      progress: bool = False) -> dict[str, list[float]]:
+    """Per quantile, one `log1p` offset per LLM of `model.config.llm_names`, fitted on `rows` (held-out
+    ⟨prompt, LLM⟩ rows with `output_sizes`). LLMs with fewer than `MIN_ANSWERS` answers there share the pooled
+    offset (logged), so a model trained on few examples of an LLM still gets a calibrated bound."""
+    from lenpred.inference import predict_rows
+
+    rows, skipped = _answer_sizes(rows)
+    if skipped:
+        logger.info("calibration: %d rows without sampled lengths skipped", skipped)
+    if rows.empty:
+        raise ValueError("calibration needs held-out rows with output_sizes (sampled answer lengths)")
+    pred = predict_rows(model, tokenizer, rows, progress=progress)
+    sizes = [np.asarray(s, float) for s in pred["output_sizes"]]
+    llm_of_answer = np.repeat(pred["llm"].to_numpy(), [len(s) for s in sizes])
+    log_sizes = np.log1p(np.concatenate(sizes))
+    mean, std = (torch.tensor(pred[c].to_numpy(float)) for c in ("pred_mean", "pred_std"))
+    names = model.config.llm_names
+    offsets = {}
+    for q in sorted({float(q) for q in quantiles}):
+        raw = np.log1p(lognormal_quantile(mean, std, q).numpy())
+        scores = log_sizes - np.repeat(raw, [len(s) for s in sizes])
+        pooled = conformal_offset(scores, q)
+        per_llm = []
+        for name in names:
+            own = scores[llm_of_answer == name]
+            if len(own) < MIN_ANSWERS:
+                logger.info("calibration q=%g: %s has %d held-out answers, takes the pooled offset %.3f",
+                            q, name, len(own), pooled)
+                per_llm.append(pooled)
+            else:
+                per_llm.append(conformal_offset(own, q))
+        offsets[f"{q:g}"] = [round(o, 5) for o in per_llm]
+    return offsets
+
+
+def calibrate_export(path: str, dataset: str | None = None, split_seed: int = 42, quantiles=QUANTILES,
+                     reservation_quantile: float | None = None) -> dict:
+    """Refit an export's `bound_offsets` on the dev split (train.py's `make_splits` with `split_seed`) and save
+    its config in place (with `reservation_quantile`, when given, as the bound it reserves). Returns the offsets."""
+    from lenpred.data import load_castillo, make_splits
+    from lenpred.hub import REMOTE_CODE_FILES, REPO_ROOT, load_export
+
+    # the offsets take effect through the folder's own remote code: an older export gets this repository's
+    stale = [n for n in REMOTE_CODE_FILES if (REPO_ROOT / n).exists()
+             and not ((Path(path) / n).exists() and filecmp.cmp(REPO_ROOT / n, Path(path) / n, shallow=False))]
+    for name in stale:
+        shutil.copy2(REPO_ROOT / name, Path(path) / name)
+    if stale:
+        logger.info("updated the remote code in %s: %s", path, ", ".join(stale))
+    model, tokenizer = load_export(path)
+    rows = load_castillo(dataset)
+    llms = [n for n in model.config.llm_names if n in set(rows["llm"])]
+    dev = make_splits(rows, seed=split_seed, llms=llms).dev
+    if dev.empty:
+        raise ValueError(f"the dev split of {dataset or 'the default dataset'} is empty: nothing to calibrate on")
+    if reservation_quantile is not None:
+        model.config.reservation_quantile = reservation_quantile
+    q_all = {*quantiles, model.config.reservation_quantile}
+    model.config.bound_offsets = fit_bound_offsets(model, tokenizer, dev, q_all, progress=True)
+    model.config.save_pretrained(path)
+    return model.config.bound_offsets
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lenpred calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a LenPred export folder (its config.json is rewritten)")
+    ap.add_argument("--dataset", help="CASTILLO folder, Hub id or log files (default: the shipped copy)")
+    ap.add_argument("--split-seed", type=int, default=42, help="the seed train.py carved the dev split with")
+    ap.add_argument("--quantiles", default=",".join(f"{q:g}" for q in QUANTILES),
+                    help="comma-separated quantiles to calibrate (the model's reservation_quantile is added)")
+    ap.add_argument("--reservation-quantile", type=float,
+                    help="also make this the quantile the model's bound reserves (config.reservation_quantile)")
+    args = ap.parse_args(argv)
+    if args.reservation_quantile is not None and not 0.5 <= args.reservation_quantile < 1.0:
+        ap.error(f"--reservation-quantile must be in [0.5, 1), got {args.reservation_quantile}")
+    try:
+        quantiles = [float(q) for q in args.quantiles.split(",") if q.strip()]
+    except ValueError:
+        ap.error(f"--quantiles must be comma-separated numbers, got {args.quantiles!r}")
+    if not quantiles or not all(0.0 < q < 1.0 for q in quantiles):
+        ap.error(f"--quantiles must lie in (0, 1), got {args.quantiles!r}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    offsets = calibrate_export(args.model, args.dataset, args.split_seed, quantiles, args.reservation_quantile)
+    for q, values in offsets.items():
+        print(f"q={q}: log1p offsets {min(values):+.3f} … {max(values):+.3f} over {len(values)} LLMs")
+    return 0
