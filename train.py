@@ -279,11 +279,11 @@ def main(argv=None) -> dict:
     info = {"world_size": targs.world_size, "llm_names": names, "train_prompts": len(train_ds),
             "seconds": round(time.time() - started, 1), "command": " ".join(sys.argv), "splits": splits.summary()}
     if trainer.is_world_process_zero():
-        if len(splits.dev):  # the dev answers were not trained on: the bound's split-conformal calibration set
+        try:  # the dev answers were not trained on: the bound's split-conformal calibration set
             trainer.model.config.bound_offsets = fit_bound_offsets(
                 trainer.model, tokenizer, splits.dev, {*QUANTILES, trainer.model.config.reservation_quantile})
-        else:
-            logger.warning("no dev split: the reservation bound is left uncalibrated")
+        except ValueError as err:  # no dev rows, or logs with a mean per prompt but no single answer's length
+            logger.warning("the reservation bound is left uncalibrated: %s", err)
         export = export_model(trainer.model, tokenizer, dargs.export_dir)
         shutil.copy2(Path(targs.output_dir) / "trainer_state.json", export / "trainer_state.json")
         for name, values in metrics.items():

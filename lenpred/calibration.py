@@ -59,6 +59,8 @@ def fit_bound_offsets(model, tokenizer, rows: pd.DataFrame, quantiles=QUANTILES,
     offset (logged), so a model trained on few examples of an LLM still gets a calibrated bound."""
     from lenpred.inference import predict_rows
 
+    if rows.empty:
+        raise ValueError("no held-out rows to calibrate the reservation bound on")
     rows, skipped = _answer_sizes(rows)
     if skipped:
         logger.info("calibration: %d rows without sampled lengths skipped", skipped)
@@ -95,6 +97,9 @@ def calibrate_export(path: str, dataset: str | None = None, split_seed: int = 42
     from lenpred.data import load_castillo, make_splits
     from lenpred.hub import REMOTE_CODE_FILES, REPO_ROOT, load_export
 
+    if not Path(path).is_dir():
+        raise ValueError(f"{path} is not an export folder here: calibration rewrites a folder's config.json in place "
+                         "(for a Hub model, download it first, e.g. `hf download REPO_ID --local-dir DIR`)")
     # the offsets take effect through the folder's own remote code: an older export gets this repository's
     stale = [n for n in REMOTE_CODE_FILES if (REPO_ROOT / n).exists()
              and not ((Path(path) / n).exists() and filecmp.cmp(REPO_ROOT / n, Path(path) / n, shallow=False))]
@@ -135,6 +140,8 @@ def main(argv=None) -> int:
         ap.error(f"--quantiles must be comma-separated numbers, got {args.quantiles!r}")
     if not quantiles or not all(0.0 < q < 1.0 for q in quantiles):
         ap.error(f"--quantiles must lie in (0, 1), got {args.quantiles!r}")
+    if not Path(args.model).is_dir():
+        ap.error(f"{args.model} is not an export folder here (calibration rewrites its config.json in place)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     offsets = calibrate_export(args.model, args.dataset, args.split_seed, quantiles, args.reservation_quantile)
     for q, values in offsets.items():

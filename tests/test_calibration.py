@@ -74,6 +74,8 @@ def test_fit_bound_offsets_reaches_the_quantile_on_its_rows(varied_model, tokeni
     blank = rows.assign(output_sizes=[None] * len(rows))
     with pytest.raises(ValueError, match="needs held-out rows with output_sizes"):
         fit_bound_offsets(varied_model, tokenizer, blank)
+    with pytest.raises(ValueError, match="no held-out rows"):  # e.g. a dev split of none
+        fit_bound_offsets(varied_model, tokenizer, rows.iloc[:0])
 
 
 def test_pipeline_p99_class_is_the_prompts_own_p99_not_the_calibrated_bound(varied_model, tokenizer):
@@ -109,8 +111,10 @@ def test_cli_calibrates_an_export_in_place(varied_model, tokenizer, castillo_dir
     assert "q=0.8" in run.stdout
     from lenpred.calibration import main
 
-    for args, message in ((["--quantiles", "0.9,high"], "--quantiles must be comma-separated numbers"),
-                          (["--reservation-quantile", "1.2"], "--reservation-quantile must be in [0.5, 1)")):
+    export = str(tmp_path / "export")
+    for argv, message in (([export, "--quantiles", "0.9,high"], "--quantiles must be comma-separated numbers"),
+                          ([export, "--reservation-quantile", "1.2"], "--reservation-quantile must be in [0.5, 1)"),
+                          ([str(tmp_path / "nope")], "is not an export folder here")):
         with pytest.raises(SystemExit) as exit_:
-            main([str(tmp_path / "export"), *args])
+            main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err

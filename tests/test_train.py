@@ -109,6 +109,21 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     assert pred.mean.shape == (1, 1) and torch.isfinite(pred.mean).all()
 
 
+def test_logs_without_single_lengths_leave_the_bound_uncalibrated_and_say_so(tiny_encoder, tmp_path):
+    """A log with one mean per prompt tells no single answer's length: the export's bound stays uncalibrated."""
+    rows = [{"prompt_text": f"Prompt {i}: {'explain at length' if i % 2 else 'answer in a word'}", "model": llm,
+             "output_mean": 40.0 + 400 * (i % 2), "output_std": 5.0}
+            for i in range(30) for llm in ("org/A-1B", "org/B-2B")]
+    log = tmp_path / "means.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ok(train(["--encoder", tiny_encoder, "--dataset", log, "--output_dir", "run", "--export_dir", "export",
+                    "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no"], tmp_path))
+    assert "the reservation bound is left uncalibrated: calibration needs held-out rows with output_sizes" \
+        in run.stderr
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["bound_offsets"] is None and config["llm_names"] == ["org/A-1B", "org/B-2B"]
+
+
 def test_ema_decay_prompt_set_balance_and_llm_loss_weights(tiny_encoder, castillo_dir, tmp_path):
     """The export under --ema_decay is the average the run wrote beside its checkpoints, not the last step's
     weights; --ema_probe_decays keeps further averages without changing what is exported; --prompt_set_balance
