@@ -68,14 +68,15 @@ def fit_bound_offsets(model, tokenizer, rows: pd.DataFrame, quantiles=QUANTILES,
         raise ValueError("calibration needs held-out rows with output_sizes (sampled answer lengths)")
     pred = predict_rows(model, tokenizer, rows, progress=progress)
     sizes = [np.asarray(s, float) for s in pred["output_sizes"]]
-    llm_of_answer = np.repeat(pred["llm"].to_numpy(), [len(s) for s in sizes])
+    counts = [len(s) for s in sizes]  # answers per row: each row's bound is compared with each of its answers
+    llm_of_answer = np.repeat(pred["llm"].to_numpy(), counts)
     log_sizes = np.log1p(np.concatenate(sizes))
     mean, std = (torch.tensor(pred[c].to_numpy(float)) for c in ("pred_mean", "pred_std"))
     names = model.config.llm_names
     offsets = {}
     for q in sorted({float(q) for q in quantiles}):
         raw = np.log1p(lognormal_quantile(mean, std, q).numpy())
-        scores = log_sizes - np.repeat(raw, [len(s) for s in sizes])
+        scores = log_sizes - np.repeat(raw, counts)
         pooled = conformal_offset(scores, q)
         per_llm = []
         for name in names:
