@@ -131,12 +131,15 @@ class LenPredModel(LenPredPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_encoder(cls, encoder: str, num_layers: int | None = None, **config_kwargs) -> "LenPredModel":
+    def from_encoder(cls, encoder: str, num_layers: int | None = None, attention_dropout: float | None = None,
+                     **config_kwargs) -> "LenPredModel":
         """Warm-start the encoder from any BERT-family checkpoint (path or Hub id); the heads start fresh.
 
         `num_layers` keeps only the encoder's first layers: half the layers, about half the latency.
+        `attention_dropout` replaces the checkpoint's dropout on attention probabilities (training only).
         """
-        bert = BertModel.from_pretrained(encoder, add_pooling_layer=False)
+        overrides = {} if attention_dropout is None else {"attention_probs_dropout_prob": attention_dropout}
+        bert = BertModel.from_pretrained(encoder, add_pooling_layer=False, **overrides)
         if num_layers is not None:
             if not 1 <= num_layers <= bert.config.num_hidden_layers:
                 raise ValueError(f"num_layers must be between 1 and {bert.config.num_hidden_layers}, got {num_layers}")

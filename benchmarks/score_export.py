@@ -48,6 +48,9 @@ def main(argv=None) -> dict:
         variants.update({f.stem: f for f in files})
     model, tokenizer = load_export(args.model)
     others = [load_export(path) for path in args.ensemble_with]  # before any scoring, so a wrong path fails at once
+    for path, (other, _) in zip(args.ensemble_with, others):
+        if list(other.config.llm_names) != list(model.config.llm_names):
+            raise SystemExit(f"{path} predicts other LLMs than {args.model}: cannot ensemble them")
     rows = load_castillo(args.dataset)
     splits = make_splits(rows, seed=args.split_seed, llms=[n for n in model.config.llm_names
                                                            if n in set(rows["llm"])])

@@ -285,3 +285,16 @@ def test_warm_start_can_keep_only_the_first_layers(tiny_encoder, tmp_path):
     assert len(LenPredModel.from_pretrained(tmp_path).encoder.encoder.layer) == 1
     with pytest.raises(ValueError, match="num_layers must be between 1 and 2"):
         LenPredModel.from_encoder(str(tiny_encoder), num_layers=3, llm_names=["org/a"])
+
+
+def test_warm_start_can_drop_attention_dropout(tiny_encoder, tmp_path):
+    """`attention_dropout` (train.py --attention_dropout) replaces the checkpoint's dropout on attention
+    probabilities in every layer, leaves the other dropouts alone, and is saved with the model."""
+    model = LenPredModel.from_encoder(str(tiny_encoder), attention_dropout=0.0, llm_names=["org/a"])
+    attention = [m for m in model.encoder.modules() if type(m).__name__ == "BertSelfAttention"]
+    assert len(attention) == 2 and all(m.dropout.p == 0.0 for m in attention)
+    assert model.encoder.embeddings.dropout.p == 0.1  # hidden dropout kept
+    model.save_pretrained(tmp_path)
+    assert LenPredModel.from_pretrained(tmp_path).config.encoder_config["attention_probs_dropout_prob"] == 0.0
+    default = LenPredModel.from_encoder(str(tiny_encoder), llm_names=["org/a"])
+    assert default.config.encoder_config.get("attention_probs_dropout_prob", 0.1) == 0.1

@@ -91,8 +91,9 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     log = tmp_path / "logs.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ok(train(["--init-from", tmp_path / "base", "--dataset", log, "--output_dir", "run2", "--export_dir", "adapted",
-              "--max_steps", "3"], tmp_path))
+              "--max_steps", "3", "--attention_dropout", "0.05"], tmp_path))
     config = json.loads((tmp_path / "adapted" / "config.json").read_text())
+    assert config["encoder_config"]["attention_probs_dropout_prob"] == 0.05  # the export's value replaced
     assert config["llm_names"] == ["meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct",
                                    "new-org/New-LLM-2B"]
     from transformers import AutoModel, AutoTokenizer
@@ -154,6 +155,12 @@ def test_ema_decay_prompt_set_balance_and_llm_loss_weights(tiny_encoder, castill
         for llm, s in by_llm.items():
             alone = scores["ensemble"][part][llm]
             assert alone["mae"] == pytest.approx(s["mae"]) and alone["tau"] == pytest.approx(s["tau"]), (part, llm)
+    ok(train([*common, "--output_dir", "one", "--export_dir", "one_llm_export", "--max_steps", "1",
+              "--llms", "meta-llama/Llama-3.2-1B-Instruct"], tmp_path))
+    other_llms = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model",
+                                 "plain_export", "--ensemble-with", "one_llm_export"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert other_llms.returncode != 0 and "one_llm_export predicts other LLMs" in other_llms.stderr
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
                               "--averages", "avg_export"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no ema-*.safetensors in avg_export" in missing.stderr
@@ -199,6 +206,7 @@ def test_weight_averages_follow_the_ema_formula():
 @pytest.mark.parametrize("args, message", [
     (["--llms", "no-such/llm"], "absent from the data"),
     (["--heads", "ranking"], "--heads must be one of"),
+    (["--attention_dropout", "1"], "--attention_dropout must be in [0, 1)"),
     (["--ema_decay", "1.5"], "strictly between 0 and 1"),
     (["--prompt_set_balance", "-1"], "balance must be"),
     (["--llm_loss_weights", "paper"], "takes LLM=WEIGHT items"),
