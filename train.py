@@ -143,8 +143,7 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         names = list(old.config.llm_names) + [n for n in llm_names if n not in old.config.llm_names]
         encoder_config = {**old.config.encoder_config, "attention_probs_dropout_prob": margs.attention_dropout}
         config = LenPredConfig(**{**old.config.to_dict(), "llm_names": names, "encoder_config": encoder_config,
-                                  "bin_loss_weight": bin_w,
-                                  "mean_loss_weight": mean_w, "std_loss_weight": std_w,
+                                  "bin_loss_weight": bin_w, "mean_loss_weight": mean_w, "std_loss_weight": std_w,
                                   "rank_loss_weight": rank_w, "reservation_quantile": margs.reservation_quantile,
                                   "bound_offsets": None})  # refitted at the end, for every LLM
         model = LenPredModel(config)
