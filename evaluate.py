@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     report["model_config"] = {k: getattr(config, k, getattr(LenPredConfig, k)) for k in (
         "llm_names", "bin_size", "bin_edges", "end_dim", "head_hidden_dim", "dropout", "max_length",
         "reservation_quantile", "llm_embedding_dim", "use_prompt_length", "prompt_tail_tokens", "full_prompt_length",
-        "pooling", "bound_offsets")}
+        "bound_offsets")}
     report["model_config"]["encoder_layers"] = config.encoder_config.get("num_hidden_layers")
     report["model_config"]["encoder_hidden_size"] = config.encoder_config.get("hidden_size")
     tick("scores", t0)

@@ -80,6 +80,9 @@ def load_export(path: str | Path, device: str | None = None):
         # transformers takes a missing folder for a Hub id and answers with a network error: say what was looked for
         raise OSError(f"{path} is not a folder here, and as a Hub id it could not be loaded "
                       f"({str(err).splitlines()[0]})") from None
+    # An older export runs its own remote code; one trained with an option this code no longer implements (see
+    # configuration_lenpred.RETIRED_OPTIONS) would be scored and described wrongly here: refuse it plainly.
+    LenPredConfig(**model.config.to_dict())
     if device:
         model.to(device)
     return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
