@@ -26,7 +26,7 @@ import torch
 from configuration_lenpred import PAPER_BIN_SIZES, LenPredConfig, make_bin_edges
 from lenpred.baselines import KnnBaseline, PromptSetMedian, cached_embeddings, run_prompt_baseline
 from lenpred.data import HELD_OUT_PROMPT_SET, default_dataset_source, load_castillo, make_splits, prompt_table
-from lenpred.hub import default_encoder_path, load_export
+from lenpred.hub import default_encoder_path, load_export, weights_sha256
 from lenpred.inference import predict_rows
 from lenpred.model_card import write_cards
 from lenpred.metrics import nominal_coverage
@@ -249,7 +249,8 @@ def main(argv=None) -> dict:
         "nominal_2sigma": nominal_coverage(2.0), "llms": order_llms(rows["llm"].unique()), "skipped_llms": skipped,
         "test_rows": int(len(rows)), "test_prompts": int(rows["prompt_id"].nunique()),
         "pool_rows": int(len(pool)), "pool_prompts": int(pool["prompt_id"].nunique()), "knn_k": args.knn_k,
-        "citation": PAPER_CITATION, "max_prompts": args.max_prompts}
+        "citation": PAPER_CITATION, "max_prompts": args.max_prompts,
+        "weights_sha256": weights_sha256(args.model)}
     if args.baseline_endpoint:
         t0 = time.perf_counter()
         rows, meta["prompt_baseline"] = add_prompt_baseline(rows, args.baseline_endpoint, args.baseline_model,

@@ -27,7 +27,7 @@ from configuration_lenpred import LenPredConfig
 from lenpred.calibration import QUANTILES, fit_bound_offsets
 from lenpred.data import PAPER_LLMS, load_castillo, make_splits
 from lenpred.examples import group_by_prompt, label_weights
-from lenpred.hub import default_encoder_path, export_model, load_export
+from lenpred.hub import default_encoder_path, export_model, load_export, weights_sha256
 from lenpred.metrics import classification_scores, regression_scores
 from modeling_lenpred import LenPredModel
 from prediction_lenpred import tokenize_prompts
@@ -256,6 +256,7 @@ def main(argv=None) -> dict:
         shutil.copy2(Path(targs.output_dir) / "trainer_state.json", export / "trainer_state.json")
         for name, values in metrics.items():
             (export / f"{name}_metrics.json").write_text(json.dumps(values, indent=2))
+        info["weights_sha256"] = weights_sha256(export)
         (export / "training_info.json").write_text(json.dumps(info, indent=2))
         logger.info("exported %s in %.0f s; dev: %s", export, info["seconds"], metrics.get("dev"))
     return metrics

@@ -293,7 +293,8 @@ def render_markdown(report: dict) -> str:
     out = ["# LenPred evaluation report\n",
            f"- Model: `{meta['model']}`\n- Data: `{meta['dataset']}` (test split, sanitised; "
            f"{meta['test_rows']} rows, {meta['test_prompts']} prompts)\n- Command: `{meta['command']}`\n"
-           f"- Date: {meta['date']}\n- Wall time: {meta['wall_time_s']:.1f} s ({timing})\n",
+           + (f"- Weights: sha256 `{meta['weights_sha256']}`\n" if meta.get("weights_sha256") else "")
+           + f"- Date: {meta['date']}\n- Wall time: {meta['wall_time_s']:.1f} s ({timing})\n",
            "## How to read this\n", *[f"- {line}" for line in meta["notes"]], ""]
     out += [render_subset(report, name) for name, per in report["results"].items() if per]
     if "prompt_baseline" in meta:

@@ -1,5 +1,6 @@
 """The evaluation report: hand-checked cells, JSON/Markdown/card agreement, and one end-to-end `evaluate.py` run."""
 
+import hashlib
 import json
 import os
 import re
@@ -268,6 +269,9 @@ def test_evaluate_end_to_end(tmp_path):
     assert {"lenpred", "median", "knn"} <= set(other) and "prompt" not in report["results"]["alpaca"][LLMS[0]]
     md = (out / "report.md").read_text()
     assert "python evaluate.py --model" in md and report["meta"]["date"] in md
+    assert report["meta"]["dataset"] == str(data)  # as given on the command line
+    weights = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
+    assert report["meta"]["weights_sha256"] == weights and f"- Weights: sha256 `{weights}`" in md
     fcfs = next(line for line in md.split("### Load 0.9")[1].splitlines() if line.startswith("| fcfs |"))
     assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \|", fcfs) and "0.0 ± 0.0" in fcfs  # spread over seeds shown
     assert_md_matches_json(md, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ def test_train_exports_a_loadable_model_with_metrics(tiny_encoder, castillo_dir,
     assert {"dev_bin500_accuracy", "dev_mean_mae", "dev_std_mae"} <= set(dev)
     info = json.loads((export / "training_info.json").read_text())
     assert info["world_size"] == 1 and len(info["llm_names"]) == 3
+    assert info["weights_sha256"] == hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
     state = json.loads((export / "trainer_state.json").read_text())
     assert any("loss" in entry for entry in state["log_history"])
     from transformers import AutoModel
