@@ -25,7 +25,7 @@ import torch
 
 from configuration_lenpred import PAPER_BIN_SIZES, LenPredConfig, make_bin_edges
 from lenpred.baselines import KnnBaseline, PromptSetMedian, cached_embeddings, run_prompt_baseline
-from lenpred.data import HELD_OUT_PROMPT_SET, default_dataset_source, load_castillo, make_splits, prompt_table
+from lenpred.data import HELD_OUT_PROMPT_SET, dataset_name, load_castillo, make_splits, prompt_table
 from lenpred.hub import default_encoder_path, load_export, weights_sha256
 from lenpred.inference import predict_rows
 from lenpred.model_card import write_cards
@@ -188,7 +188,8 @@ def _notes(config, args, pool: pd.DataFrame, meta: dict) -> list[str]:
         "support-weighted F1; accuracy in %.",
         (f"† LenPred's column at its trained bin size ({head} tokens) comes from the bin head's argmax; every "
          "other column (and every baseline) is the bin of the predicted mean; the last column gives LenPred's "
-         f"accuracy at {head} with the bin of its predicted mean too (issue 3's definition of acc@500)." if head else
+         f"accuracy at {head} with the bin of its predicted mean too, the definition the quality targets use for "
+         "acc@500." if head else
          "The bin head's edges differ from uniform bins, so every column is the bin of the predicted mean.")
         + f" Bins are uniform up to {config.bin_max_tokens} tokens, the last one open-ended.",
         f"p99-bin accuracy: the bin (size {config.bin_size}) of the 0.99 quantile of the predicted log-normal (from "
@@ -225,8 +226,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_export(args.model)
     config = model.config
-    source = args.dataset or default_dataset_source()
-    splits = make_splits(load_castillo(source))
+    splits = make_splits(load_castillo(args.dataset))
     pool = pd.concat([splits.train, splits.dev], ignore_index=True)
     test = splits.test
     skipped = sorted(set(test["llm"]) - set(config.llm_names))
@@ -241,8 +241,9 @@ def main(argv=None) -> dict:
     tick("baselines", t0)
     methods = ["lenpred", "median"] + (["knn"] if args.knn else [])
     head_ok = list(config.bin_edges) == make_bin_edges(config.bin_size, config.bin_max_tokens)
-    meta = {"model": str(args.model), "dataset": str(source), "command": "python evaluate.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"model": str(args.model), "dataset": dataset_name(args.dataset),
+        "command": "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "head_bin_size": config.bin_size if head_ok else None, "trained_bin_size": config.bin_size,
         "bin_sizes": list(PAPER_BIN_SIZES), "bin_max_tokens": config.bin_max_tokens,
         "reservation_quantile": config.reservation_quantile, "nominal_1sigma": nominal_coverage(1.0),

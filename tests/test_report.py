@@ -69,7 +69,7 @@ def test_score_method_cells_by_hand(scored):
     assert sc["classification"]["500"]["accuracy"] == pytest.approx(np.mean(t // 500 == part["lenpred_bin"]))
     assert sc["classification"]["500"]["source"] == "bin head"
     assert sc["classification"]["100"]["source"] == "predicted mean"
-    # issue 3's acc@500 (bin of the predicted mean) is kept beside the bin head's; for other sizes they are one
+    # the targets' acc@500 (bin of the predicted mean) is kept beside the bin head's; for other sizes they are one
     assert sc["classification"]["500"]["accuracy_mean_bin"] == pytest.approx(np.mean(t // 500 == p // 500))
     assert sc["classification"]["500"]["accuracy_mean_bin"] != sc["classification"]["500"]["accuracy"]
     assert sc["classification"]["100"]["accuracy_mean_bin"] == sc["classification"]["100"]["accuracy"]
