@@ -48,7 +48,9 @@ def main(argv=None) -> dict:
     held = splits.test["prompt_set"] == HELD_OUT_PROMPT_SET
     parts = {"dev": splits.dev, "test": splits.test[~held], HELD_OUT_PROMPT_SET: splits.test[held]}
     parts = {part: frame for part, frame in parts.items() if len(frame)}
-    predict = lambda m, t: {part: predict_rows(m, t, frame, progress=False) for part, frame in parts.items()}  # noqa: E731
+    def predict(m, t):
+        return {part: predict_rows(m, t, frame, progress=False) for part, frame in parts.items()}
+
     started = time.time()
     preds = [predict(model, tokenizer)]  # the export, then the ensemble's other members
     results = {"export": {part: dev_scores(pred) for part, pred in preds[0].items()}}
