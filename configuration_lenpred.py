@@ -183,8 +183,8 @@ def _drop_retired_options(kwargs: dict) -> None:
         value = kwargs.pop(key, supported)
         if supported is not None and value != supported:
             raise ValueError(f"this model was trained with {key}={value!r}, which this version of LenPred no longer "
-                             f"implements (only {key}={supported!r}); load it with the remote code saved in its own "
-                             "folder, or retrain it")
+                             f"implements (only {key}={supported!r}); run it with the version that trained it (the "
+                             "remote code its export folder shipped with), or retrain it")
 
 
 def _minilm_shape() -> dict:
