@@ -63,15 +63,7 @@ class LenPredConfig(PretrainedConfig):
         use_prompt_length (`bool`): feed `log1p(prompt tokens)` to the MLP (longer prompts, longer code answers).
         full_prompt_length (`bool`): count the prompt's tokens before truncation (passed as `prompt_length`), so the
             feature still tells a 300-token prompt from a 3,000-token one; `False` counts the tokens the encoder sees.
-        prompt_length_slope (`bool`): add a per-LLM slope times `log1p(prompt tokens)` straight to the predicted
-            `log1p(mean)`, beside the MLP (one scalar among ~290 MLP inputs is easily under-used; code answers grow
-            with the prompt). Needs `use_prompt_length`.
-        pooling (`str`): `"mean"` averages the encoder's token states; `"attention"` weighs them by a learned
-            score (started at zero, so training starts from the mean) — a short instruction inside a long pasted
-            text is otherwise diluted by it.
         bin_loss_weight, mean_loss_weight, std_loss_weight (`float`): weights of the three loss terms.
-        rank_loss_weight (`float`): weight of a pairwise ranking loss on the predicted means of prompts in the same
-            batch for the same LLM (what a shortest-first scheduler needs is the order, not only the value).
         reservation_quantile (`float`): quantile of one answer's length used as the memory-reservation bound.
         bound_offsets (`dict[str, list[float]]`, *optional*): per quantile (key `f"{q:g}"`), one offset per LLM
             added to `log1p` of the log-normal quantile so that the bound covers that share of held-out answers
@@ -107,12 +99,9 @@ class LenPredConfig(PretrainedConfig):
     target_transform: str = "log1p"
     use_prompt_length: bool = True
     full_prompt_length: bool = False
-    prompt_length_slope: bool = False
-    pooling: str = "mean"
     bin_loss_weight: float = 1.0
     mean_loss_weight: float = 1.0
     std_loss_weight: float = 0.5
-    rank_loss_weight: float = 0.0
     reservation_quantile: float = 0.99
     bound_offsets: dict[str, list[float]] | None = None
 
@@ -135,10 +124,7 @@ class LenPredConfig(PretrainedConfig):
             raise ValueError(f"bin_edges must start at 0 and increase, got {self.bin_edges}")
         if not 0 <= self.prompt_tail_tokens <= self.max_length - 2:
             raise ValueError(f"prompt_tail_tokens must be in [0, max_length - 2], got {self.prompt_tail_tokens}")
-        if self.prompt_length_slope and not self.use_prompt_length:
-            raise ValueError("prompt_length_slope needs use_prompt_length=True")
-        if self.pooling not in ("mean", "attention"):
-            raise ValueError(f"pooling must be 'mean' or 'attention', got {self.pooling!r}")
+        _drop_retired_options(kwargs)
         if self.target_transform != "log1p":
             raise ValueError(f"target_transform must be 'log1p', got {self.target_transform!r}")
         if not 0.5 <= self.reservation_quantile < 1.0:
@@ -184,6 +170,21 @@ class LenPredConfig(PretrainedConfig):
             return self.llm_names.index(llm)
         except ValueError:
             raise ValueError(f"Unknown LLM {llm!r}. This model predicts for: {', '.join(self.llm_names)}") from None
+
+
+#: Options that older exports' config.json may hold, with the only value this code implements (None: any value,
+#: a training-only setting that changes nothing at prediction time). They were measured as no gain and removed.
+RETIRED_OPTIONS = {"pooling": "mean", "prompt_length_slope": False, "rank_loss_weight": None}
+
+
+def _drop_retired_options(kwargs: dict) -> None:
+    """Remove retired keys from `kwargs`; a value this code cannot reproduce is an error, not a silent change."""
+    for key, supported in RETIRED_OPTIONS.items():
+        value = kwargs.pop(key, supported)
+        if supported is not None and value != supported:
+            raise ValueError(f"this model was trained with {key}={value!r}, which this version of LenPred no longer "
+                             f"implements (only {key}={supported!r}); run it with the version that trained it (the "
+                             "remote code its export folder shipped with), or retrain it")
 
 
 def _minilm_shape() -> dict:

@@ -25,8 +25,8 @@ import torch
 
 from configuration_lenpred import PAPER_BIN_SIZES, LenPredConfig, make_bin_edges
 from lenpred.baselines import KnnBaseline, PromptSetMedian, cached_embeddings, run_prompt_baseline
-from lenpred.data import HELD_OUT_PROMPT_SET, default_dataset_source, load_castillo, make_splits, prompt_table
-from lenpred.hub import default_encoder_path, load_export
+from lenpred.data import HELD_OUT_PROMPT_SET, dataset_name, load_castillo, make_splits, prompt_table
+from lenpred.hub import default_encoder_path, load_export, weights_sha256
 from lenpred.inference import predict_rows
 from lenpred.model_card import write_cards
 from lenpred.metrics import nominal_coverage
@@ -188,7 +188,8 @@ def _notes(config, args, pool: pd.DataFrame, meta: dict) -> list[str]:
         "support-weighted F1; accuracy in %.",
         (f"† LenPred's column at its trained bin size ({head} tokens) comes from the bin head's argmax; every "
          "other column (and every baseline) is the bin of the predicted mean; the last column gives LenPred's "
-         f"accuracy at {head} with the bin of its predicted mean too (issue 3's definition of acc@500)." if head else
+         f"accuracy at {head} with the bin of its predicted mean too, the definition the quality targets use for "
+         "acc@500." if head else
          "The bin head's edges differ from uniform bins, so every column is the bin of the predicted mean.")
         + f" Bins are uniform up to {config.bin_max_tokens} tokens, the last one open-ended.",
         f"p99-bin accuracy: the bin (size {config.bin_size}) of the 0.99 quantile of the predicted log-normal (from "
@@ -225,8 +226,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_export(args.model)
     config = model.config
-    source = args.dataset or default_dataset_source()
-    splits = make_splits(load_castillo(source))
+    splits = make_splits(load_castillo(args.dataset))
     pool = pd.concat([splits.train, splits.dev], ignore_index=True)
     test = splits.test
     skipped = sorted(set(test["llm"]) - set(config.llm_names))
@@ -241,15 +241,17 @@ def main(argv=None) -> dict:
     tick("baselines", t0)
     methods = ["lenpred", "median"] + (["knn"] if args.knn else [])
     head_ok = list(config.bin_edges) == make_bin_edges(config.bin_size, config.bin_max_tokens)
-    meta = {"model": str(args.model), "dataset": str(source), "command": "python evaluate.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    meta = {"model": str(args.model), "dataset": dataset_name(args.dataset),
+        "command": "python evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "head_bin_size": config.bin_size if head_ok else None, "trained_bin_size": config.bin_size,
         "bin_sizes": list(PAPER_BIN_SIZES), "bin_max_tokens": config.bin_max_tokens,
         "reservation_quantile": config.reservation_quantile, "nominal_1sigma": nominal_coverage(1.0),
         "nominal_2sigma": nominal_coverage(2.0), "llms": order_llms(rows["llm"].unique()), "skipped_llms": skipped,
         "test_rows": int(len(rows)), "test_prompts": int(rows["prompt_id"].nunique()),
         "pool_rows": int(len(pool)), "pool_prompts": int(pool["prompt_id"].nunique()), "knn_k": args.knn_k,
-        "citation": PAPER_CITATION, "max_prompts": args.max_prompts}
+        "citation": PAPER_CITATION, "max_prompts": args.max_prompts,
+        "weights_sha256": weights_sha256(args.model)}
     if args.baseline_endpoint:
         t0 = time.perf_counter()
         rows, meta["prompt_baseline"] = add_prompt_baseline(rows, args.baseline_endpoint, args.baseline_model,
@@ -270,7 +272,7 @@ def main(argv=None) -> dict:
     report["model_config"] = {k: getattr(config, k, getattr(LenPredConfig, k)) for k in (
         "llm_names", "bin_size", "bin_edges", "end_dim", "head_hidden_dim", "dropout", "max_length",
         "reservation_quantile", "llm_embedding_dim", "use_prompt_length", "prompt_tail_tokens", "full_prompt_length",
-        "pooling", "bound_offsets")}
+        "bound_offsets")}
     report["model_config"]["encoder_layers"] = config.encoder_config.get("num_hidden_layers")
     report["model_config"]["encoder_hidden_size"] = config.encoder_config.get("hidden_size")
     tick("scores", t0)

@@ -28,8 +28,7 @@ except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
     from prediction_lenpred import LenPredPrediction, predict_in_batches
 
-__all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput",
-           "pairwise_rank_loss"]
+__all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput"]
 
 
 @dataclass
@@ -54,23 +53,8 @@ class LenPredOutput(ModelOutput):
     log_std: torch.FloatTensor | None = None
 
 
-#: The length feature is log1p(prompt tokens) / this, about 1 for a 512-token prompt; the slope term undoes it.
+#: The length feature is log1p(prompt tokens) / this, about 1 for a 512-token prompt.
 LENGTH_FEATURE_SCALE = math.log(512.0)
-
-
-def pairwise_rank_loss(scores: torch.Tensor, targets: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
-    """RankNet-style logistic loss over every pair of prompts in the batch answered by the same LLM.
-
-    `scores`, `targets`: (batch, n_llms) in log space, NaN where a label is missing. Pairs whose true lengths differ
-    by less than `margin` (≈ 10 %) are ties within sampling noise and are left out. Correctly ordered pairs with a
-    wide gap cost almost nothing, so the loss spends its gradient on the pairs a scheduler would swap.
-    """
-    diff_true = targets.unsqueeze(0) - targets.unsqueeze(1)  # (batch, batch, n_llms): a's target minus b's
-    diff_pred = scores.unsqueeze(0) - scores.unsqueeze(1)
-    pairs = diff_true > margin  # NaN compares False, so missing labels drop out
-    if not pairs.any():
-        return scores.sum() * 0.0
-    return F.softplus(-diff_pred[pairs]).mean()
 
 
 class LenPredPreTrainedModel(PreTrainedModel):
@@ -93,11 +77,6 @@ class LenPredPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.weight, -bound, bound)
                 init.zeros_(module.bias)
             return
-        if module is getattr(self, "length_slope", None) or module is getattr(self, "pool_score", None):
-            init.zeros_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
-            return
         super()._init_weights(module)
         if isinstance(module, BertEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
@@ -112,8 +91,6 @@ class LenPredModel(LenPredPreTrainedModel):
         super().__init__(config)
         bert_config = config.bert_config()
         self.encoder = BertModel(bert_config, add_pooling_layer=False)
-        # Attention pooling's token scores (zero at the start: plain mean pooling), see `config.pooling`.
-        self.pool_score = nn.Linear(bert_config.hidden_size, 1) if config.pooling == "attention" else None
         self.reduce = nn.Linear(bert_config.hidden_size, config.end_dim)
         self.llm_embedding = nn.Embedding(max(config.num_llms, 1), config.llm_embedding_dim)
         in_dim = config.end_dim + config.llm_embedding_dim + int(config.use_prompt_length)
@@ -124,8 +101,6 @@ class LenPredModel(LenPredPreTrainedModel):
         )
         self.bin_head = nn.Linear(config.head_hidden_dim, config.num_bins)
         self.length_head = nn.Linear(config.head_hidden_dim, 2)  # log1p(mean), log1p(std)
-        # Per-LLM slope of log1p(mean) in log1p(prompt tokens), starting at 0 (see `config.prompt_length_slope`).
-        self.length_slope = nn.Embedding(max(config.num_llms, 1), 1) if config.prompt_length_slope else None
         for layer in (self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head):
             layer._lenpred_head = True
         self.post_init()
@@ -161,9 +136,6 @@ class LenPredModel(LenPredPreTrainedModel):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pool_score is not None:
-            scores = self.pool_score(hidden).masked_fill(mask == 0, torch.finfo(hidden.dtype).min)
-            mask = torch.softmax(scores, dim=1) * mask  # weights over the prompt's tokens, summing to 1
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         vector = self.reduce(pooled)
         if self.config.use_prompt_length:
@@ -178,9 +150,6 @@ class LenPredModel(LenPredPreTrainedModel):
         joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), self.llm_embedding(llm_ids)], dim=-1)
         hidden = self.mlp(joined)
         raw = self.length_head(hidden)
-        if self.length_slope is not None:  # the length feature is the prompt vector's last column (see `encode`)
-            slope = self.length_slope(llm_ids).squeeze(-1) * (prompt_vector[:, -1:] * LENGTH_FEATURE_SCALE)
-            raw = torch.cat([raw[..., :1] + slope.unsqueeze(-1), raw[..., 1:]], dim=-1)
         # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
         log_mean, log_std = F.softplus(raw[..., 0]), F.softplus(raw[..., 1])
         return self.bin_head(hidden), log_mean, log_std
@@ -218,7 +187,7 @@ class LenPredModel(LenPredPreTrainedModel):
             Each prompt's length in encoder tokens before truncation, from `tokenize_prompts`.
         label_weight (`torch.FloatTensor` of shape `(batch,)` or `(batch, n_llms)`, *optional*):
             Training only: how much each prompt's labels (or each ⟨prompt, LLM⟩ label) count in the loss, e.g. to
-            balance prompt sets or to favour the LLMs that matter most.
+            favour the LLMs that matter most.
         """
         ids, squeeze = self._llm_ids(llm_ids, input_ids.shape[0], input_ids.device)
         vector = self.encode(input_ids, attention_mask, token_type_ids, prompt_length)
@@ -265,8 +234,6 @@ class LenPredModel(LenPredPreTrainedModel):
                     F.cross_entropy(bin_logits[present], bins, reduction="none"), present)
                 total = total + c.mean_loss_weight * average(
                     F.l1_loss(log_mean[present], torch.log1p(tokens), reduction="none"), present)
-                if c.rank_loss_weight:
-                    total = total + c.rank_loss_weight * pairwise_rank_loss(log_mean, torch.log1p(target))
         if labels_std is not None:
             target = labels_std.to(log_std.dtype).reshape(shape)
             present = ~torch.isnan(target)

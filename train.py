@@ -22,14 +22,12 @@ import numpy as np
 import torch
 from transformers import (AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments,
                           set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_lenpred import LenPredConfig
-from lenpred.averaging import WeightAverages
 from lenpred.calibration import QUANTILES, fit_bound_offsets
 from lenpred.data import PAPER_LLMS, load_castillo, make_splits
 from lenpred.examples import group_by_prompt, label_weights
-from lenpred.hub import default_encoder_path, export_model, load_export
+from lenpred.hub import default_encoder_path, export_model, load_export, weights_sha256
 from lenpred.metrics import classification_scores, regression_scores
 from modeling_lenpred import LenPredModel
 from prediction_lenpred import tokenize_prompts
@@ -61,24 +59,11 @@ class ModelArguments:
                 "default: half of max_length)"})
     full_prompt_length: bool = field(default=True, metadata={
         "help": "the length feature counts the prompt's tokens before truncation (else those the encoder sees)"})
-    prompt_length_slope: bool = field(default=False, metadata={
-        "help": "a per-LLM slope from log1p(prompt tokens) straight to log1p(mean), beside the MLP"})
-    pooling: str = field(default="mean", metadata={
-        "help": "mean | attention: how the encoder's token states become one prompt vector"})
-    rank_loss_weight: float = field(default=0.0, metadata={
-        "help": "weight of a pairwise ranking loss on the predicted means (same LLM, same batch)"})
     reservation_quantile: float = field(default=0.9, metadata={
         "help": "quantile of one answer's length the bound reserves; calibrated on the dev split at the end"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
     keep_best: bool = field(default=True, metadata={
-        "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match; "
-                "ignored with --ema_decay)"})
-    ema_decay: float = field(default=0.0, metadata={
-        "help": "export an exponential moving average of the weights with this decay per step (0: the last or "
-                "best checkpoint's weights)"})
-    ema_probe_decays: str | None = field(default=None, metadata={
-        "help": "comma-separated decays whose averages are also kept and written to output_dir as "
-                "ema-<decay>.safetensors, to compare them in one run"})
+        "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match)"})
 
 
 @dataclass
@@ -91,9 +76,6 @@ class DataArguments:
     dev_fraction: float = 0.1
     split_seed: int | None = field(default=None, metadata={
         "help": "seed of the dev split (default: --seed); fix it to compare training seeds on the same dev prompts"})
-    prompt_set_balance: float = field(default=0.0, metadata={
-        "help": "weight training prompts by (their prompt set's share)^-B in the loss: 0 = the data's own mix, "
-                "1 = every prompt set counts the same"})
     llm_loss_weights: str | None = field(default="paper=3", metadata={
         "help": "comma-separated LLM=WEIGHT: how much each LLM's labels count in the loss (LLM: an id, or 'paper' "
                 "for those of the three Llamas that are trained; LLMs not named weigh 1; '' = all weigh 1)"})
@@ -137,18 +119,17 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
     bin_w, mean_w, std_w = weights[margs.heads]
     if not 0.0 <= margs.attention_dropout < 1.0:
         raise ValueError(f"--attention_dropout must be in [0, 1), got {margs.attention_dropout}")
-    rank_w = margs.rank_loss_weight if mean_w else 0.0  # the ranking loss acts on the mean head
     if margs.init_from:
         old, _ = load_export(margs.init_from)
         names = list(old.config.llm_names) + [n for n in llm_names if n not in old.config.llm_names]
         encoder_config = {**old.config.encoder_config, "attention_probs_dropout_prob": margs.attention_dropout}
         config = LenPredConfig(**{**old.config.to_dict(), "llm_names": names, "encoder_config": encoder_config,
                                   "bin_loss_weight": bin_w, "mean_loss_weight": mean_w, "std_loss_weight": std_w,
-                                  "rank_loss_weight": rank_w, "reservation_quantile": margs.reservation_quantile,
+                                  "reservation_quantile": margs.reservation_quantile,
                                   "bound_offsets": None})  # refitted at the end, for every LLM
         model = LenPredModel(config)
         state, fresh, n_old = old.state_dict(), model.state_dict(), old.config.num_llms
-        for key in ("llm_embedding.weight", "length_slope.weight"):  # the per-LLM tables grow by the new LLMs
+        for key in ("llm_embedding.weight",):  # the per-LLM tables grow by the new LLMs
             if key in state:
                 table = fresh[key].clone()
                 table[:n_old] = state[key]
@@ -163,27 +144,14 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
         end_dim=margs.end_dim, head_hidden_dim=margs.head_hidden_dim, llm_embedding_dim=margs.llm_embedding_dim,
         dropout=margs.dropout, max_length=margs.max_length,
         prompt_tail_tokens=margs.max_length // 2 if margs.prompt_tail_tokens is None else margs.prompt_tail_tokens,
-        full_prompt_length=margs.full_prompt_length, prompt_length_slope=margs.prompt_length_slope,
-        pooling=margs.pooling, reservation_quantile=margs.reservation_quantile,
-        bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w, rank_loss_weight=rank_w)
+        full_prompt_length=margs.full_prompt_length, reservation_quantile=margs.reservation_quantile,
+        bin_loss_weight=bin_w, mean_loss_weight=mean_w, std_loss_weight=std_w)
     # Start the length head at the data's typical answer instead of ~1 token: fewer steps wasted climbing.
     with torch.no_grad():
         typical = torch.tensor([np.log1p(train_rows["output_mean"]).median(),
                                 np.log1p(train_rows["output_std"].dropna()).median()], dtype=torch.float32)
         model.length_head.bias.copy_(typical + torch.log(-torch.expm1(-typical)))  # inverse softplus
     return model
-
-
-def weight_averages(margs: ModelArguments, targs: TrainingArguments) -> WeightAverages | None:
-    """The moving averages to keep: `--ema_decay` (exported) and `--ema_probe_decays` (written for comparison)."""
-    decays = [margs.ema_decay] if margs.ema_decay else []
-    decays += [float(d) for d in (margs.ema_probe_decays or "").split(",") if d.strip()]
-    if not decays:
-        return None
-    resume = targs.resume_from_checkpoint
-    if resume and not Path(resume).is_dir():  # `True`: the run folder's last checkpoint, as the Trainer reads it
-        resume = get_last_checkpoint(targs.output_dir)
-    return WeightAverages(dict.fromkeys(decays), resume_from=resume)
 
 
 def tokenized(dataset, tokenizer, config: LenPredConfig):
@@ -249,8 +217,7 @@ def main(argv=None) -> dict:
         ds = group_by_prompt(frame, names)
         if limit:
             ds = ds.shuffle(seed=targs.seed).select(range(min(limit, len(ds))))
-        weights = label_weights(ds["prompt_set"], names, dargs.prompt_set_balance, dargs.llm_loss_weights) \
-            if weighted else None
+        weights = label_weights(len(ds), names, dargs.llm_loss_weights) if weighted else None
         if weights is not None:
             ds = ds.add_column("label_weight", weights.tolist())  # one weight per ⟨prompt, LLM⟩ label
         return tokenized(ds, tokenizer, model.config)
@@ -260,8 +227,7 @@ def main(argv=None) -> dict:
     test_ds = prepare(splits.test, dargs.max_eval_prompts) if len(splits.test) else None
     if dev_ds is None:
         targs.eval_strategy = "no"
-    averages = weight_averages(margs, targs)
-    keep_best = margs.keep_best and not margs.ema_decay and not targs.load_best_model_at_end
+    keep_best = margs.keep_best and not targs.load_best_model_at_end
     if keep_best and targs.eval_strategy == targs.save_strategy != "no":
         targs.load_best_model_at_end, targs.metric_for_best_model, targs.greater_is_better = True, "mean_mae", False
     targs.label_names = ["labels_mean", "labels_std"]
@@ -269,15 +235,10 @@ def main(argv=None) -> dict:
     trainer = LenPredTrainer(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics(model.config),
-        head_learning_rate=margs.head_learning_rate, callbacks=[averages] if averages else None,
+        head_learning_rate=margs.head_learning_rate,
     )
     result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_state()
-    if averages:
-        if trainer.is_world_process_zero():
-            averages.save(targs.output_dir)
-        if margs.ema_decay:
-            averages.apply(trainer.model, margs.ema_decay)
     metrics = {"train": result.metrics}
     for name, ds in (("dev", dev_ds), ("test", test_ds)):
         if ds is not None:
@@ -295,6 +256,7 @@ def main(argv=None) -> dict:
         shutil.copy2(Path(targs.output_dir) / "trainer_state.json", export / "trainer_state.json")
         for name, values in metrics.items():
             (export / f"{name}_metrics.json").write_text(json.dumps(values, indent=2))
+        info["weights_sha256"] = weights_sha256(export)
         (export / "training_info.json").write_text(json.dumps(info, indent=2))
         logger.info("exported %s in %.0f s; dev: %s", export, info["seconds"], metrics.get("dev"))
     return metrics

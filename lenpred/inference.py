@@ -18,9 +18,8 @@ import torch
 from lenpred.data import prompt_table
 from prediction_lenpred import lognormal_quantile
 
-__all__ = ["predict_rows", "PREDICTION_COLUMNS", "MicroBatcher", "CPU_OPTIONS"]
+__all__ = ["predict_rows", "MicroBatcher", "CPU_OPTIONS"]
 
-PREDICTION_COLUMNS = ("pred_mean", "pred_std", "pred_bound", "pred_p99", "pred_bin", "pred_bin_probs")
 #: The CPU options `lenpred.fast.build_option` makes; `--backend` adds "torch", the fp32 path. Kept here, not in
 #: `lenpred.fast` (which imports transformers), so that building the CLI's parsers stays quick.
 CPU_OPTIONS = ("int8", "onnx", "onnx-int8")

@@ -109,8 +109,6 @@ def card_values(report: dict) -> dict[str, str]:
         "encoder_layers": str(cfg.get("encoder_layers")), "encoder_hidden_size": str(cfg.get("encoder_hidden_size")),
         "end_dim": str(cfg.get("end_dim")), "max_length": str(cfg.get("max_length")),
         "truncation": _truncation_text(cfg),
-        "pooling": "attention pooling (learned token weights)" if cfg.get("pooling") == "attention"
-                   else "masked mean pooling",
         "bound_calibration": ("calibrated per LLM to cover that share of held-out answers: split-conformal "
                               "offsets fitted on the dev split")
                              if f"{meta['reservation_quantile']:g}" in (cfg.get("bound_offsets") or {})

@@ -93,7 +93,7 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
                                         size, max_tokens)
         scores = classification_scores(true, rows[f"{method}_bin"].to_numpy(int), size, max_tokens) if use_head \
             else of_mean
-        out["classification"][str(size)] = {  # issue 3 defines acc@500 by the bin of the predicted mean
+        out["classification"][str(size)] = {  # the quality targets define acc@500 by the bin of the predicted mean
             **scores, "source": "bin head" if use_head else "predicted mean", "accuracy_mean_bin": of_mean["accuracy"]}
     std = rows[f"{method}_std"].to_numpy(float) if f"{method}_std" in rows else np.full(len(rows), np.nan)
     bound = rows[f"{method}_bound"].to_numpy(float) if f"{method}_bound" in rows else None
@@ -293,7 +293,8 @@ def render_markdown(report: dict) -> str:
     out = ["# LenPred evaluation report\n",
            f"- Model: `{meta['model']}`\n- Data: `{meta['dataset']}` (test split, sanitised; "
            f"{meta['test_rows']} rows, {meta['test_prompts']} prompts)\n- Command: `{meta['command']}`\n"
-           f"- Date: {meta['date']}\n- Wall time: {meta['wall_time_s']:.1f} s ({timing})\n",
+           + (f"- Weights: sha256 `{meta['weights_sha256']}`\n" if meta.get("weights_sha256") else "")
+           + f"- Date: {meta['date']}\n- Wall time: {meta['wall_time_s']:.1f} s ({timing})\n",
            "## How to read this\n", *[f"- {line}" for line in meta["notes"]], ""]
     out += [render_subset(report, name) for name, per in report["results"].items() if per]
     if "prompt_baseline" in meta:

@@ -23,7 +23,7 @@ __all__ = ["SimConfig", "ORDERS", "MEMORIES", "DEFAULT_LOADS", "server_capacity"
            "default_policies", "DEFAULT_POLICIES", "main"]
 
 ORDERS = ("fcfs", "spf", "spf_aging", "oracle")
-#: Loads the report and the CLI sweep by default: issue 5's goal is stated at 0.9; inf is a backlog.
+#: Loads the report and the CLI sweep by default: the scheduling targets are stated at 0.9; inf is a backlog.
 DEFAULT_LOADS = (0.5, 0.7, 0.9, math.inf)
 MEMORIES = ("max_tokens", "predicted")
 

@@ -194,6 +194,9 @@ def test_hub_offline_clear_error(monkeypatch, tmp_path):
 
 def test_default_source_and_constants():
     assert D.default_dataset_source() in (str(D.LOCAL_CASTILLO), D.CASTILLO_HUB_ID)
+    # reports name the data as given, and the default as the README does: never this machine's absolute path
+    assert D.dataset_name("my/logs.jsonl") == "my/logs.jsonl"
+    assert D.dataset_name(None) in ("../shared/data/castillo", D.CASTILLO_HUB_ID)
     assert D.LOCAL_CASTILLO == REAL and len(D.PROMPT_SETS) == 7
     assert D.HELD_OUT_PROMPT_SET in D.PROMPT_SETS
 

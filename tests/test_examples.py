@@ -29,17 +29,6 @@ def test_group_by_prompt_masks_missing_llms():
     assert pooled[0]["labels_mean"] == [4.0]  # repeated ⟨prompt, LLM⟩ rows are pooled
 
 
-def test_prompt_set_weights_balance_the_sets():
-    sets = ["a", "a", "a", "b"]
-    np.testing.assert_allclose(E.prompt_set_weights(sets, 0.0), [1, 1, 1, 1])
-    w = E.prompt_set_weights(sets, 1.0)
-    assert w.mean() == pytest.approx(1.0) and w[:3].sum() == pytest.approx(w[3])  # each set weighs the same
-    half = E.prompt_set_weights(sets, 0.5)
-    assert 1 < half[3] / half[0] < w[3] / w[0]
-    with pytest.raises(ValueError, match="balance must be"):
-        E.prompt_set_weights(sets, -1.0)
-
-
 def test_llm_loss_weights_name_llms_or_the_papers_set():
     names = [A, *PAPER_LLMS]
     assert E.llm_loss_weights(None, names) is None
@@ -54,11 +43,6 @@ def test_llm_loss_weights_name_llms_or_the_papers_set():
     np.testing.assert_allclose(E.llm_loss_weights("paper=2", [A, PAPER_LLMS[0]]), [1, 2])
 
 
-def test_label_weights_multiply_set_balance_and_llm_weights():
-    sets = ["a", "a", "a", "b"]
-    assert E.label_weights(sets, [A, B]) is None  # both off: the plain loss
-    w = E.label_weights(sets, [A, B], balance=1.0, llm_spec=f"{B}=2")
-    assert w.shape == (4, 2)
-    np.testing.assert_allclose(w[:, 1], 2 * w[:, 0])
-    np.testing.assert_allclose(w[:, 0], E.prompt_set_weights(sets, 1.0))
-    np.testing.assert_allclose(E.label_weights(sets, [A, B], llm_spec=f"{A}=3"), [[3, 1]] * 4)
+def test_label_weights_repeat_the_llm_weights_for_every_prompt():
+    assert E.label_weights(4, [A, B]) is None  # every LLM weighs 1: the plain loss
+    np.testing.assert_array_equal(E.label_weights(4, [A, B], llm_spec=f"{A}=3"), [[3, 1]] * 4)

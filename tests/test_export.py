@@ -141,3 +141,12 @@ def test_paper_api_loads_a_predictor_from_a_path(export_dir, monkeypatch):
     monkeypatch.setenv("LENPRED_MODEL", str(export_dir))
     again = pipeline_lenpred.predict_response_length("Introduce Nanjing University.", "llama-3.2-3B")
     assert again == first and len(pipeline_lenpred._DEFAULT) == 1  # loaded once, reused
+
+
+def test_an_export_trained_with_a_retired_option_is_refused(export_dir):
+    """An older export with `pooling: attention` in its config.json fails with a message naming the option, through
+    the folder's remote code as every tool loads it (not a silent load as mean pooling)."""
+    config_path = export_dir / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "pooling": "attention"}))
+    with pytest.raises(ValueError, match="trained with pooling='attention', which this version of LenPred no longer"):
+        load_export(export_dir)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from configuration_lenpred import LenPredConfig, bin_labels, make_bin_edges
-from modeling_lenpred import LenPredModel, pairwise_rank_loss
+from modeling_lenpred import LenPredModel
 from prediction_lenpred import lognormal_quantile, tokenize_prompts
 
 NAN = float("nan")
@@ -107,71 +108,25 @@ def test_label_weight_scales_each_prompts_or_labels_share_of_the_loss(tiny_model
     torch.testing.assert_close(tiny_model(**enc, **labels, label_weight=torch.full((2, 3), 3.0)).loss, plain)
 
 
-def test_rank_loss_counts_only_ordered_pairs_of_the_same_llm():
-    targets = torch.log1p(torch.tensor([[100.0, 50.0], [400.0, NAN], [105.0, 800.0]]))
-    right = pairwise_rank_loss(targets, targets)
-    wrong = pairwise_rank_loss(-targets, targets)
-    assert 0 < right < math.log(2) < wrong  # log 2 = a tie; the right order costs less, the wrong one more
-    tie = torch.log1p(torch.tensor([[100.0], [105.0]]))  # within 10 %: sampling noise, not an order to learn
-    assert pairwise_rank_loss(tie.flip(0), tie).item() == 0.0
-    assert pairwise_rank_loss(torch.zeros(3, 2), torch.full((3, 2), NAN)).item() == 0.0  # no labelled pair
-
-
-def test_rank_loss_weight_adds_to_the_loss(tiny_model, tokenizer):
-    labels = dict(labels_mean=torch.tensor([[120.0, NAN, 40.0], [900.0, 700.0, 30.0]]), labels_std=None)
-    base = tiny_model(**batch(tokenizer), **labels).loss
-    tiny_model.config.rank_loss_weight = 1.0
-    try:
-        ranked = tiny_model(**batch(tokenizer), **labels)
-    finally:
-        tiny_model.config.rank_loss_weight = 0.0
-    assert ranked.loss > base
-    ranked.loss.backward()
-    assert tiny_model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-
-
-def test_prompt_length_slope_adds_a_per_llm_term_to_the_log_mean(tiny_model, tokenizer, tmp_path):
-    """`prompt_length_slope`: starts at 0 (the same outputs as without it), then adds slope × log1p(prompt tokens) to
-    the pre-softplus log mean of its own LLM only; it survives save/load and needs the length feature."""
-    sloped = LenPredModel(LenPredConfig(**{**tiny_model.config.to_dict(), "prompt_length_slope": True})).eval()
-    missing = sloped.load_state_dict(tiny_model.state_dict(), strict=False).missing_keys
-    assert missing == ["length_slope.weight"] and sloped.length_slope.weight.abs().sum() == 0
+def test_older_exports_keys_of_retired_options_load_or_fail_plainly(tiny_model, tokenizer, tmp_path):
+    """Exports written before `pooling`, `prompt_length_slope` and `rank_loss_weight` were removed hold those keys in
+    config.json: at the one value this code implements they load with the same outputs (a training-only weight at
+    any value) and are not written again; at another value loading fails and names the option."""
+    tiny_model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "pooling": "mean", "prompt_length_slope": False,
+                                       "rank_loss_weight": 0.3}))
+    loaded = LenPredModel.from_pretrained(tmp_path).eval()
     enc = batch(tokenizer)
-    before = tiny_model(**enc)
-    torch.testing.assert_close(sloped(**enc).mean, before.mean)
-    with torch.no_grad():
-        sloped.length_slope.weight[1] = 0.5
-    after = sloped(**enc)
-    n_tokens = enc["attention_mask"].sum(-1).float()
-    raw = before.log_mean[:, 1] + torch.log(-torch.expm1(-before.log_mean[:, 1]))  # inverse softplus
-    torch.testing.assert_close(after.log_mean[:, 1], torch.nn.functional.softplus(raw + 0.5 * torch.log1p(n_tokens)))
-    torch.testing.assert_close(after.log_mean[:, [0, 2]], before.log_mean[:, [0, 2]])
-    torch.testing.assert_close(after.log_std, before.log_std)
-    sloped.save_pretrained(tmp_path)
-    torch.testing.assert_close(LenPredModel.from_pretrained(tmp_path).eval()(**enc).mean, after.mean)
-    with pytest.raises(ValueError, match="prompt_length_slope needs use_prompt_length"):
-        LenPredConfig(prompt_length_slope=True, use_prompt_length=False)
-
-
-def test_attention_pooling_starts_as_the_mean_and_weighs_tokens_once_trained(tiny_model, tokenizer, tmp_path):
-    """`pooling="attention"`: its token scores start at zero (mean pooling, the same outputs); once scored, padding
-    still gets no weight (a prompt padded in a batch predicts as alone) and save/load keeps the scores."""
-    pooled = LenPredModel(LenPredConfig(**{**tiny_model.config.to_dict(), "pooling": "attention"})).eval()
-    missing = pooled.load_state_dict(tiny_model.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["pool_score.bias", "pool_score.weight"] and pooled.pool_score.weight.abs().sum() == 0
-    prompts = ("Write a poem about the sea.", "def f(x): return x + 1 if x else None  # a longer prompt")
-    enc = batch(tokenizer, prompts)
-    torch.testing.assert_close(pooled(**enc).mean, tiny_model(**enc).mean)
-    with torch.no_grad():
-        pooled.pool_score.weight.normal_(0, 1.0)
-    after = pooled(**enc).mean
-    assert not torch.allclose(after, tiny_model(**enc).mean)
-    alone = pooled(**batch(tokenizer, prompts[:1])).mean
-    torch.testing.assert_close(after[0], alone[0], rtol=1e-4, atol=1e-4)
-    pooled.save_pretrained(tmp_path)
-    torch.testing.assert_close(LenPredModel.from_pretrained(tmp_path).eval()(**enc).mean, after)
-    with pytest.raises(ValueError, match="pooling must be 'mean' or 'attention'"):
-        LenPredConfig(pooling="max")
+    torch.testing.assert_close(loaded(**enc).mean, tiny_model(**enc).mean, rtol=0, atol=0)
+    loaded.config.save_pretrained(tmp_path / "again")
+    assert not {"pooling", "prompt_length_slope", "rank_loss_weight"} & set(json.loads(
+        (tmp_path / "again" / "config.json").read_text()))
+    for key, value in (("pooling", "attention"), ("prompt_length_slope", True)):
+        config_path.write_text(json.dumps({**saved, key: value}))
+        with pytest.raises(ValueError, match=f"trained with {key}={value!r}, which this version .* no longer"):
+            LenPredModel.from_pretrained(tmp_path)
 
 
 def test_save_and_load_give_identical_outputs(tiny_model, tokenizer, tmp_path):

@@ -1,5 +1,6 @@
 """The evaluation report: hand-checked cells, JSON/Markdown/card agreement, and one end-to-end `evaluate.py` run."""
 
+import hashlib
 import json
 import os
 import re
@@ -68,7 +69,7 @@ def test_score_method_cells_by_hand(scored):
     assert sc["classification"]["500"]["accuracy"] == pytest.approx(np.mean(t // 500 == part["lenpred_bin"]))
     assert sc["classification"]["500"]["source"] == "bin head"
     assert sc["classification"]["100"]["source"] == "predicted mean"
-    # issue 3's acc@500 (bin of the predicted mean) is kept beside the bin head's; for other sizes they are one
+    # the targets' acc@500 (bin of the predicted mean) is kept beside the bin head's; for other sizes they are one
     assert sc["classification"]["500"]["accuracy_mean_bin"] == pytest.approx(np.mean(t // 500 == p // 500))
     assert sc["classification"]["500"]["accuracy_mean_bin"] != sc["classification"]["500"]["accuracy"]
     assert sc["classification"]["100"]["accuracy_mean_bin"] == sc["classification"]["100"]["accuracy"]
@@ -268,6 +269,9 @@ def test_evaluate_end_to_end(tmp_path):
     assert {"lenpred", "median", "knn"} <= set(other) and "prompt" not in report["results"]["alpaca"][LLMS[0]]
     md = (out / "report.md").read_text()
     assert "python evaluate.py --model" in md and report["meta"]["date"] in md
+    assert report["meta"]["dataset"] == str(data)  # as given on the command line
+    weights = hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
+    assert report["meta"]["weights_sha256"] == weights and f"- Weights: sha256 `{weights}`" in md
     fcfs = next(line for line in md.split("### Load 0.9")[1].splitlines() if line.startswith("| fcfs |"))
     assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \|", fcfs) and "0.0 ± 0.0" in fcfs  # spread over seeds shown
     assert_md_matches_json(md, report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ def test_train_exports_a_loadable_model_with_metrics(tiny_encoder, castillo_dir,
     assert {"dev_bin500_accuracy", "dev_mean_mae", "dev_std_mae"} <= set(dev)
     info = json.loads((export / "training_info.json").read_text())
     assert info["world_size"] == 1 and len(info["llm_names"]) == 3
+    assert info["weights_sha256"] == hashlib.sha256((export / "model.safetensors").read_bytes()).hexdigest()
     state = json.loads((export / "trainer_state.json").read_text())
     assert any("loss" in entry for entry in state["log_history"])
     from transformers import AutoModel
@@ -64,11 +66,9 @@ def test_two_process_ddp_on_cpu(tiny_encoder, castillo_dir, tmp_path):
     assert AutoModel.from_pretrained(tmp_path / "export", trust_remote_code=True).config.model_type == "lenpred"
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema_decay", "0.5"]], ids=["last-weights", "moving-average"])
-def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_dir, tmp_path, extra):
-    """With --ema_decay the average travels in the checkpoint, so the resumed export is the same average."""
+def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_dir, tmp_path):
     common = ["--encoder", tiny_encoder, "--dataset", castillo_dir, "--max_steps", "6", "--save_strategy", "steps",
-              "--save_steps", "3", "--eval_strategy", "no", "--seed", "7", *extra]
+              "--save_steps", "3", "--eval_strategy", "no", "--seed", "7"]
     ok(train([*common, "--output_dir", "full", "--export_dir", "full_export"], tmp_path))
     ok(train([*common, "--output_dir", "stopped", "--export_dir", "stopped_export"], tmp_path))
     # What a run stopped after step 3 leaves behind: only its step-3 checkpoint.
@@ -84,8 +84,8 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tiny_encoder, castillo_
 
 def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "base",
-              "--max_steps", "2", "--llms", "meta-llama/Llama-3.2-1B-Instruct,meta-llama/Llama-3.2-3B-Instruct",
-              "--prompt_length_slope", "--pooling", "attention"], tmp_path))
+              "--max_steps", "2", "--llms", "meta-llama/Llama-3.2-1B-Instruct,meta-llama/Llama-3.2-3B-Instruct"],
+             tmp_path))
     rows = [{"prompt_text": f"Question number {i}: explain {'everything' if i % 2 else 'briefly'}",
              "model": "new-org/New-LLM-2B", "output_sizes": [50 + 300 * (i % 2)]} for i in range(12)]
     log = tmp_path / "logs.jsonl"
@@ -99,10 +99,7 @@ def test_init_from_adds_an_unseen_llm(tiny_encoder, castillo_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(tmp_path / "adapted", trust_remote_code=True)
-    assert model.llm_embedding.weight.shape[0] == 3 and model.length_slope.weight.shape == (3, 1)  # both tables grew
-    base = AutoModel.from_pretrained(tmp_path / "base", trust_remote_code=True)
-    assert model.config.prompt_length_slope and base.length_slope.weight.abs().sum() > 0  # trained, then carried on
-    assert model.config.pooling == "attention" and base.pool_score.weight.abs().sum() > 0
+    assert model.llm_embedding.weight.shape[0] == 3  # the LLM table grew
     # the bound is recalibrated for the grown LLM list (the log's single lengths: one pooled offset for all)
     assert all(len(v) == 3 for v in model.config.bound_offsets.values())
     pred = model.predict("Question number 99: explain everything", AutoTokenizer.from_pretrained(tmp_path / "adapted"),
@@ -125,32 +122,21 @@ def test_logs_without_single_lengths_leave_the_bound_uncalibrated_and_say_so(tin
     assert config["bound_offsets"] is None and config["llm_names"] == ["org/A-1B", "org/B-2B"]
 
 
-def test_ema_decay_prompt_set_balance_and_llm_loss_weights(tiny_encoder, castillo_dir, tmp_path):
-    """The export under --ema_decay is the average the run wrote beside its checkpoints, not the last step's
-    weights; --ema_probe_decays keeps further averages without changing what is exported; --prompt_set_balance
-    and --llm_loss_weights change the training."""
+def test_llm_loss_weights_change_the_training_and_score_export_scores_it(tiny_encoder, castillo_dir, tmp_path):
+    """--llm_loss_weights reaches the loss (the default favours the paper's Llamas; '' weighs all alike), and
+    benchmarks/score_export.py scores an export on dev, test and Alpaca, alone and in an ensemble."""
     common = ["--encoder", tiny_encoder, "--dataset", castillo_dir, "--max_steps", "5", "--save_strategy", "no",
-              "--eval_strategy", "no", "--seed", "3", "--learning_rate", "1e-2", "--max_train_prompts", "13",
-              "--prompt_set_balance", "1"]
-    ok(train([*common, "--output_dir", "plain", "--export_dir", "plain_export", "--ema_probe_decays", "0.6"],
-             tmp_path))
-    ok(train([*common, "--output_dir", "avg", "--export_dir", "avg_export", "--ema_decay", "0.6"], tmp_path))
+              "--eval_strategy", "no", "--seed", "3", "--learning_rate", "1e-2", "--max_train_prompts", "13"]
+    ok(train([*common, "--output_dir", "plain", "--export_dir", "plain_export"], tmp_path))
     plain = load_file(tmp_path / "plain_export" / "model.safetensors")
-    average = load_file(tmp_path / "avg_export" / "model.safetensors")
-    written = load_file(tmp_path / "plain" / "ema-0.6.safetensors")
-    assert set(written) <= set(average)
-    for key in written:
-        torch.testing.assert_close(average[key], written[key], rtol=1e-5, atol=1e-6, msg=key)  # same trajectory
-    assert any(not torch.allclose(plain[k], average[k]) for k in written)  # the probe did not change the export
-    # benchmarks/score_export.py scores the export and, loaded into it, the average the run wrote
     out = tmp_path / "scores.json"
     ok(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
-                       "--averages", "plain", "--dataset", str(castillo_dir), "--split-seed", "3", "--json", str(out),
+                       "--dataset", str(castillo_dir), "--split-seed", "3", "--json", str(out),
                        "--ensemble-with", "plain_export"],
                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     scores = json.loads(out.read_text())
-    assert set(scores) == {"export", "ema-0.6", "ensemble"} and set(scores["export"]) == {"dev", "test", "Alpaca"}
+    assert set(scores) == {"export", "ensemble"} and set(scores["export"]) == {"dev", "test", "Alpaca"}
     for part, by_llm in scores["export"].items():  # an ensemble of a model with itself is that model
         for llm, s in by_llm.items():
             alone = scores["ensemble"][part][llm]
@@ -161,54 +147,19 @@ def test_ema_decay_prompt_set_balance_and_llm_loss_weights(tiny_encoder, castill
                                  "plain_export", "--ensemble-with", "one_llm_export"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert other_llms.returncode != 0 and "one_llm_export predicts other LLMs" in other_llms.stderr
-    missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_export.py"), "--model", "plain_export",
-                              "--averages", "avg_export"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert missing.returncode != 0 and "no ema-*.safetensors in avg_export" in missing.stderr
-    assert scores["export"]["test"]["all"]["mae"] != scores["ema-0.6"]["test"]["all"]["mae"]
-    # the prompt-set weights reach the loss: same steps without them, other weights
-    ok(train([*common, "--output_dir", "mix", "--export_dir", "mix_export", "--prompt_set_balance", "0",
-              "--llm_loss_weights", ""], tmp_path))
+    ok(train([*common, "--output_dir", "mix", "--export_dir", "mix_export", "--llm_loss_weights", ""], tmp_path))
     unweighted = load_file(tmp_path / "mix_export" / "model.safetensors")
-    assert any(not torch.allclose(plain[k], unweighted[k]) for k in written)
-    # so do per-LLM weights (the default favours the paper's Llamas; '' turned that off above)
-    ok(train([*common, "--output_dir", "llm", "--export_dir", "llm_export", "--prompt_set_balance", "0",
+    assert any(not torch.allclose(plain[k], unweighted[k]) for k in plain)
+    ok(train([*common, "--output_dir", "llm", "--export_dir", "llm_export",
               "--llm_loss_weights", "meta-llama/Llama-3.2-1B-Instruct=3"], tmp_path))
     favoured = load_file(tmp_path / "llm_export" / "model.safetensors")
-    assert any(not torch.allclose(favoured[k], unweighted[k]) for k in written)
-
-
-def test_weight_averages_follow_the_ema_formula():
-    from lenpred.averaging import WeightAverages
-
-    model = torch.nn.Linear(2, 1)
-    callback = WeightAverages([0.5])
-
-    class State:
-        global_step = 0
-
-    callback.on_train_begin(None, State, None, model=model)
-    expected = model.weight.detach().clone()
-    for step in (1, 2, 3):
-        with torch.no_grad():
-            model.weight.add_(1.0)
-        State.global_step = step
-        callback.on_step_end(None, State, None, model=model)
-        decay = min(0.5, (1 + step) / (10 + step))
-        expected = decay * expected + (1 - decay) * model.weight.detach()
-    callback.apply(model, 0.5)
-    torch.testing.assert_close(model.weight.detach(), expected)
-    with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        WeightAverages([1.0])
-    with pytest.raises(ValueError, match="no moving average"):
-        callback.apply(model, 0.9)
+    assert any(not torch.allclose(favoured[k], unweighted[k]) for k in plain)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--llms", "no-such/llm"], "absent from the data"),
     (["--heads", "ranking"], "--heads must be one of"),
     (["--attention_dropout", "1"], "--attention_dropout must be in [0, 1)"),
-    (["--ema_decay", "1.5"], "strictly between 0 and 1"),
-    (["--prompt_set_balance", "-1"], "balance must be"),
     (["--llm_loss_weights", "paper"], "takes LLM=WEIGHT items"),
     (["--llm_loss_weights", "meta-llama/Llama-3.2-1B-Instruct=-2"], "takes LLM=WEIGHT items"),
     (["--llm_loss_weights", "no-such/llm=2"], "names an LLM the model does not train"),
@@ -229,11 +180,11 @@ def test_help_lists_the_arguments():
 
 
 def test_probe_recipe_scores_dev_per_llama(tiny_encoder, castillo_dir, tmp_path):
-    """benchmarks/probe_recipe.py: trains through train.py and scores the dev split (here with the ranking loss)."""
+    """benchmarks/probe_recipe.py: trains through train.py and scores the dev split (here with dropout 0.2)."""
     script = ROOT / "benchmarks" / "probe_recipe.py"
     result = ok(subprocess.run(
         [sys.executable, str(script), "--out", "probe", "--", "--encoder", str(tiny_encoder), "--dataset",
-         str(castillo_dir), "--rank_loss_weight", "1.0", *TINY], cwd=tmp_path, capture_output=True, text=True,
+         str(castillo_dir), "--dropout", "0.2", *TINY], cwd=tmp_path, capture_output=True, text=True,
         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert probe["train_args"][-len(TINY):] == TINY and '"all"' in result.stdout
@@ -241,7 +192,7 @@ def test_probe_recipe_scores_dev_per_llama(tiny_encoder, castillo_dir, tmp_path)
     assert scores["rows"] > 0 and scores["mae"] > 0 and 0 <= scores["acc500"] <= 1 and -1 <= scores["tau"] <= 1
     assert "meta-llama/Llama-3.2-1B-Instruct" in probe["dev"]
     config = json.loads((tmp_path / "probe" / "export" / "config.json").read_text())
-    assert config["rank_loss_weight"] == 1.0
+    assert config["dropout"] == 0.2
     assert set(scores["tau_by_prompt_set"]) <= {"DollyDataset", "Mbpp"}  # Alpaca is never in the dev split
     # --rescore scores the same export again without training: the same figures
     ok(subprocess.run([sys.executable, str(script), "--out", "probe", "--rescore", "--", "--encoder", str(tiny_encoder),
@@ -269,32 +220,32 @@ def search_recipes():
 def test_search_recipes_grid_errors_and_deadline(tmp_path):
     search = search_recipes()
     grid = tmp_path / "grid.txt"
-    grid.write_text("# comment\nbase\nrank  --rank_loss_weight 0.3  # trailing comment\n")
-    assert search.read_grid(grid) == [("base", []), ("rank", ["--rank_loss_weight", "0.3"])]
+    grid.write_text("# comment\nbase\ndrop  --dropout 0.2  # trailing comment\n")
+    assert search.read_grid(grid) == [("base", []), ("drop", ["--dropout", "0.2"])]
     for bad in ("base\nbase --seed 1\n", "--seed 1\n", "# nothing\n"):
         grid.write_text(bad)
         with pytest.raises(ValueError, match="configuration"):
             search.read_grid(grid)
-    grid.write_text("base\nrank --rank_loss_weight 0.3\n")
+    grid.write_text("base\ndrop --dropout 0.2\n")
     rows = search.main(["--grid", str(grid), "--out", str(tmp_path / "out"), "--deadline", "0"])
-    assert {row["name"]: row["status"] for row in rows} == {"base": "not started", "rank": "not started"}
-    assert "| rank |" in (tmp_path / "out" / "summary.md").read_text()
+    assert {row["name"]: row["status"] for row in rows} == {"base": "not started", "drop": "not started"}
+    assert "| drop |" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_search_recipes_runs_configurations_side_by_side(tiny_encoder, castillo_dir, tmp_path):
     """Two probes at once; a configuration that fails is reported as failed, not dropped."""
     grid = tmp_path / "grid.txt"
-    grid.write_text("base\nslope --prompt_length_slope\nbroken --heads ranking\n")
+    grid.write_text("base\nshort --max_length 24\nbroken --heads ranking\n")
     common = " ".join(["--encoder", str(tiny_encoder), "--dataset", str(castillo_dir), *TINY])
     result = ok(subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "search_recipes.py"), "--grid", str(grid), "--out", "out",
          "--jobs", "2", "--epochs", "1", "--common", common], cwd=tmp_path, capture_output=True, text=True,
         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
     rows = {row["name"]: row for row in json.loads((tmp_path / "out" / "summary.json").read_text())}
-    assert rows["base"]["status"] == rows["slope"]["status"] == "ok" and rows["broken"]["status"] == "exit 1"
-    for name in ("base", "slope"):
+    assert rows["base"]["status"] == rows["short"]["status"] == "ok" and rows["broken"]["status"] == "exit 1"
+    for name in ("base", "short"):
         assert rows[name]["all mae"] > 0 and -1 <= rows[name]["all tau"] <= 1 and rows[name]["train_runtime"] > 0
         assert rows[name]["Llama-3.2-1B mae"] > 0
-    assert json.loads((tmp_path / "out" / "slope" / "export" / "config.json").read_text())["prompt_length_slope"]
+    assert json.loads((tmp_path / "out" / "short" / "export" / "config.json").read_text())["max_length"] == 24
     assert "--heads must be one of" in (tmp_path / "out" / "broken.log").read_text()
     assert "| broken |" in result.stdout
