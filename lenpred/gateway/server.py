@@ -33,6 +33,10 @@ class GatewayServer(uvicorn.Server):
 
     async def shutdown(self, sockets=None):
         handle = None
+        for server in self.servers:  # as uvicorn does first, but before the line below: no new connections then
+            server.close()
+        for sock in sockets or []:
+            sock.close()
         if self.gateway is not None:
             self.gateway.draining = True
             logger.info("draining: %d request(s) in flight get %.1f s to finish", len(self.server_state.tasks),
