@@ -45,6 +45,8 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--backend", choices=("torch", *CPU_OPTIONS), default="torch",
                    help="predictor: the fp32 torch fast path, or a lenpred.fast CPU option (python -m lenpred.fast "
                         "--check reports their agreement with fp32)")
+    g.add_argument("--fast-dir", help="folder for the --backend files (ONNX; reused when there; default "
+                                      "<model>/fast)")
     g.add_argument("--device", help="torch device for the model (default: CPU)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
@@ -113,7 +115,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     config = GatewayConfig(**{k: v for k, v in vars(args).items() if k in GatewayConfig.__dataclass_fields__})
     try:
         if args.model:
-            gw = Gateway.from_export(args.model, config, device=args.device, backend=args.backend)
+            gw = Gateway.from_export(args.model, config, device=args.device, backend=args.backend,
+                                     workdir=args.fast_dir, threads=args.threads)
         else:
             gw = Gateway(None, None, config)
     except (LogPathError, ValueError) as exc:

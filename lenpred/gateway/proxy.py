@@ -32,6 +32,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 DROP_REQUEST = HOP_BY_HOP | {"host", "accept-encoding", "expect"}
 DROP_RESPONSE = HOP_BY_HOP | {"date", "server"}  # uvicorn writes its own
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_REASON = re.compile(rb'"finish_reason"\s*:\s*"')      # a finish reason that is not null
+_CONTENT = re.compile(rb'"(?:content|text)"\s*:\s*"[^"]')  # a non-empty content delta (chat) or text (completions)
 
 
 class GatewayStopping(Exception):
@@ -166,7 +168,14 @@ class Tally:
 
 
 def _keep_event(event: bytes, tally: Tally, client_usage: bool) -> bool:
-    """Tally an SSE event; False for the usage-only chunk the gateway asked for and the client did not."""
+    """Tally an SSE event; False for the usage-only chunk the gateway asked for and the client did not.
+
+    Most events are one token's delta: those are only counted, with a regex on the raw JSON (a key's quotes are
+    never escaped, a string value's always are, so the patterns cannot match inside content). Events with usage,
+    an error or a finish reason are parsed."""
+    if b'"usage"' not in event and b'"error"' not in event and not _REASON.search(event):
+        tally.chunks += len(_CONTENT.findall(event))
+        return True
     keep = True
     for line in event.splitlines():
         if not line.startswith(b"data:") or line[5:].strip() in (b"", b"[DONE]"):

@@ -21,6 +21,7 @@ import uvicorn
 __all__ = ["GatewayServer", "ServerThread", "serve", "bind"]
 
 logger = logging.getLogger("lenpred.gateway")
+BACKLOG = 4096
 BACKSTOP_S = 5.0  # past the grace, uvicorn cancels whatever is still running
 
 
@@ -51,11 +52,12 @@ class GatewayServer(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket (port 0: any free one), so the caller knows the port before serving."""
+    """A listening socket (port 0: any free one), so the caller knows the port before serving."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(BACKLOG)  # connections made before uvicorn runs wait in the backlog instead of being refused
     sock.set_inheritable(True)
     return sock
 
@@ -63,7 +65,7 @@ def bind(host: str, port: int) -> socket.socket:
 def _config(app, gateway=None, **kw) -> uvicorn.Config:
     grace = gateway.config.shutdown_timeout if gateway is not None else 1.0
     access_log = gateway.config.access_log if gateway is not None else False
-    kw = {"log_config": None, "access_log": access_log, "lifespan": "on", "backlog": 4096,
+    kw = {"log_config": None, "access_log": access_log, "lifespan": "on", "backlog": BACKLOG,
           "timeout_graceful_shutdown": grace + BACKSTOP_S, **kw}
     return uvicorn.Config(app, **kw)
 
