@@ -185,7 +185,8 @@ def test_other_paths_health_and_metrics(upstream, make_gateway):
     for line in ('lenpred_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0',
                  'lenpred_gateway_requests_total{endpoint="/v1/chat/completions",status="400"} 1.0',
                  'lenpred_gateway_requests_total{endpoint="other",status="200"} 1.0',
-                 "lenpred_gateway_prediction_seconds_count 1.0", "lenpred_gateway_priority_count 1.0",
+                 "lenpred_gateway_prediction_seconds_count 1.0", "lenpred_gateway_prediction_batch_size_sum 1.0",
+                 "lenpred_gateway_priority_count 1.0",
                  "lenpred_gateway_log_records_total 1.0", "lenpred_gateway_requests_in_flight 0.0"):
         assert line in text, line
     assert "lenpred_gateway_log_queue_depth" in text and "lenpred_gateway_upstream_errors_total" in text
@@ -233,6 +234,9 @@ def test_512_concurrent_streams_none_lost(upstream, make_gateway):
     assert sorted(upstream.by_user) == sorted(f"r{i}" for i in range(576)) and set(upstream.by_user.values()) == {1}
     rows = log_rows(gw)
     assert sorted(r["prompt_text"] for r in rows) == sorted(f"Request {i}: what is {i % 37}?" for i in range(576))
+    assert all(r["predicted_mean"] is not None for r in rows)
+    # each prompt predicted once, in however many batches
+    assert gw.metrics.registry.get_sample_value("lenpred_gateway_prediction_batch_size_sum") == 576
 
 
 def test_log_path_that_cannot_be_written_fails_at_start(upstream, tmp_path, capsys):

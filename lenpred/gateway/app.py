@@ -32,6 +32,17 @@ METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 PREDICTION_TIMEOUT = 60.0  # seconds; past it the request goes on at the default priority
 
 
+class _Observed:
+    """The predictor, with the size of each batch the micro-batcher hands it recorded (/metrics)."""
+
+    def __init__(self, predictor, histogram):
+        self.predictor, self.histogram = predictor, histogram
+
+    def predict(self, prompts, tokenizer, **kw):
+        self.histogram.observe(1 if isinstance(prompts, str) else len(prompts))
+        return self.predictor.predict(prompts, tokenizer, **kw)
+
+
 class Gateway:
     """`Gateway(model, tokenizer, GatewayConfig(...))`; `.app` is the ASGI app; `.start()` serves it in a thread
     (`.url`, `.close()`, or `with Gateway(...) as gw:`); `lenpred gateway` serves it in the main process.
@@ -52,7 +63,8 @@ class Gateway:
         if config.predict and model is not None:
             from lenpred.inference import MicroBatcher
 
-            self.batcher = MicroBatcher(predictor or model, tokenizer, config.max_batch, config.batch_wait_ms)
+            self.batcher = MicroBatcher(_Observed(predictor or model, self.metrics.batch_size), tokenizer,
+                                        config.max_batch, config.batch_wait_ms)
         self._names: dict[str, str | None] = {}
         self.draining = False
         self.started = clock()
