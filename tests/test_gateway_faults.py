@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -157,9 +158,16 @@ def test_log_write_failures_are_retried_whole(upstream, make_gateway):
 
 
 def test_closed_mid_stream_ends_the_stream_after_the_grace(upstream, make_gateway):
-    upstream.gate_after = 1
+    """Past the shutdown grace, a stream still open ends cleanly with a 503 error event, and a request still
+    waiting for its answer's headers gets 503."""
     gw = make_gateway(upstream.url, shutdown_timeout=0.3)
     assert post(gw.url, chat("Logged first")).status_code == 200
+    upstream.stall, waiting = True, []
+    stalled = threading.Thread(target=lambda: waiting.append(post(gw.url, chat("Stalled"))))
+    stalled.start()
+    while len(upstream.received) < 2:  # the stalled request is at the upstream
+        time.sleep(0.01)
+    upstream.stall, upstream.gate_after = False, 1
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=chat("Story", stream=True), timeout=30) as resp:
         lines = resp.iter_lines()
         assert next(line for line in lines if line).startswith("data: ")
@@ -167,7 +175,9 @@ def test_closed_mid_stream_ends_the_stream_after_the_grace(upstream, make_gatewa
         closer.start()
         events = events_of(lines)
     closer.join(30)
+    stalled.join(30)
     assert events[-1] == "[DONE]" and error_events(events)[0]["code"] == 503
+    assert waiting[0].status_code == 503 and "shutting down" in waiting[0].json()["error"]["message"]
     assert [r["prompt_text"] for r in log_rows(gw)] == ["Logged first"]
 
 

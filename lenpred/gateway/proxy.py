@@ -55,10 +55,10 @@ def error_event(err: UpstreamError) -> bytes:
     return b"data: " + error_body(err.status, str(err), "upstream_error") + b"\n\ndata: [DONE]\n\n"
 
 
-def classify(exc: BaseException, upstream: str) -> UpstreamError:
+def classify(exc: BaseException, upstream: str, stopping: bool = False) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, GatewayStopping):
+    if isinstance(exc, GatewayStopping) or stopping:
         return UpstreamError(503, "shutdown", "the gateway is shutting down; retry")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(502, "connect", f"upstream {upstream} unreachable: {exc.os_error}")
@@ -92,6 +92,7 @@ class Upstream:
         self.max_connections = max_connections
         self.session: aiohttp.ClientSession | None = None
         self.active: set[aiohttp.ClientResponse] = set()
+        self.stopping = False
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
@@ -109,7 +110,7 @@ class Upstream:
             resp = await self.session.request(method, self.prefix + path_qs, headers=headers, data=body,
                                               allow_redirects=False)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status (classify)
-            raise classify(exc, self.base) from exc
+            raise classify(exc, self.base, self.stopping) from exc
         self.active.add(resp)
         return resp
 
@@ -117,7 +118,7 @@ class Upstream:
         try:
             return await resp.read()
         except Exception as exc:  # noqa: BLE001
-            raise classify(exc, self.base) from exc
+            raise classify(exc, self.base, self.stopping) from exc
 
     def done(self, resp: aiohttp.ClientResponse, complete: bool) -> None:
         """Back to the pool if the answer was read to its end, else close the connection: vLLM and SGLang abort
@@ -126,9 +127,13 @@ class Upstream:
         resp.release() if complete else resp.close()
 
     def stop_reads(self) -> None:
-        """Shutdown grace over: every read still waiting on the upstream raises GatewayStopping."""
+        """Shutdown grace over: every read still waiting on the upstream raises GatewayStopping, and closing the
+        session ends the requests still waiting for their answer's headers; all of them become 503s."""
+        self.stopping = True
         for resp in list(self.active):
             resp.content.set_exception(GatewayStopping())
+        if self.session is not None:
+            asyncio.ensure_future(self.session.close())
 
 
 class Tally:
@@ -230,7 +235,7 @@ class SSERelay:
                 yield rest
             finished = True
         except Exception as exc:  # noqa: BLE001 - the stream has started: end it cleanly, say why
-            err = classify(exc, self.upstream.base)
+            err = classify(exc, self.upstream.base, self.upstream.stopping)
             yield error_event(err)
         finally:
             self.end(err, finished)
