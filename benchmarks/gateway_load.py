@@ -59,7 +59,8 @@ def _args(argv):
     ap.add_argument("--token-rate", type=float, default=100.0, help="tokens/s per stream (fake upstream)")
     ap.add_argument("--upstream", help="a running OpenAI-compatible server instead of the fake (e.g. vLLM)")
     ap.add_argument("--llm", help="the model name sent (default: the model's first LLM)")
-    ap.add_argument("--warmup", type=int, default=20, help="untimed requests per path first")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed requests per client and path before each level (opens its connections)")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra `lenpred gateway` flag (repeat)")
     ap.add_argument("--out", help="output path without suffix (default reports/benchmarks/gateway_load_<mode>)")
     return ap.parse_args(argv)
@@ -246,9 +247,11 @@ def main(argv=None) -> dict:
     args = _args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     mode = (f"untrained-l{args.untrained_layers}" if args.untrained_layers else
-            Path(args.model).name if args.model else "no-predict") + ("" if args.backend == "torch" else f"-{args.backend}")
+            Path(args.model).name if args.model else "no-predict")
+    mode += "" if args.backend == "torch" else f"-{args.backend}"
     out = Path(args.out or ROOT / "reports" / "benchmarks" / f"gateway_load_{mode}")
     work = Path(tempfile.mkdtemp(prefix="gateway-load-"))
+    print(f"gateway load benchmark, mode {mode}; work files in {work}", flush=True)
     export, predictor, tokenizer, llms = _model(args, work)
     llm = args.llm or (llms[0] if llms else "meta-llama/Llama-3.2-1B-Instruct")
     prompts = _prompts(500)
@@ -262,6 +265,7 @@ def main(argv=None) -> dict:
                                          str(args.tokens), "--token-rate", str(args.token_rate), "--model", llm],
                        port, env)
         fake.wait_ready("/v1/models")
+        print(f"fake upstream on {fake.url}: {args.tokens} tokens at {args.token_rate} tokens/s", flush=True)
         upstream_url = fake.url
     tokens = None if args.upstream else args.tokens
     reference = _predict_alone(predictor, tokenizer, llm, prompts, 200) if predictor is not None else None
@@ -277,6 +281,7 @@ def main(argv=None) -> dict:
     cmd += ["--threads", str(args.threads)] if args.threads else []
     gateway = Service("gateway", cmd, gw_port, env)
     gateway.wait_ready("/health")
+    print(f"gateway on {gateway.url}", flush=True)
     import psutil
 
     me = psutil.Process()
@@ -286,18 +291,21 @@ def main(argv=None) -> dict:
         return {"model": llm, "stream": True, "user": rid,
                 "messages": [{"role": "user", "content": f"[{rid}] {prompts[i % len(prompts)]}"}]}
 
-    asyncio.run(_phase(upstream_url, [body("warm-d", i) for i in range(args.warmup)], 4, tokens))
-    asyncio.run(_phase(gateway.url, [body("warm", i) for i in range(args.warmup)], 4, tokens))
-    gateway_ids = {f"warm-{i}" for i in range(args.warmup)}
+    gateway_ids: set[str] = set()
     levels_out = []
-    for c in levels:
+    for k, c in enumerate(levels):
+        print(f"concurrency {c}: {args.requests_c1 if c == 1 else c * args.rounds} requests per path ...", flush=True)
+        warm = [body(f"w{k}", i) for i in range(c * args.warmup)]
+        asyncio.run(_phase(upstream_url, [{**b, "user": b["user"] + "-d"} for b in warm], c, tokens))
+        asyncio.run(_phase(gateway.url, warm, c, tokens))
+        gateway_ids |= {b["user"] for b in warm}
         cpu0 = (gateway.cpu(), fake.cpu() if fake else 0.0, sum(me.cpu_times()[:2]))
         if c == 1:
-            bodies = [body("c1", i) for i in range(args.requests_c1)]
+            bodies = [body(f"L{k}", i) for i in range(args.requests_c1)]
             d_res, g_res, g_secs = asyncio.run(_paired(upstream_url, gateway.url, bodies, tokens))
             d_secs = None
         else:
-            bodies = [body(f"c{c}", i) for i in range(c * args.rounds)]
+            bodies = [body(f"L{k}", i) for i in range(c * args.rounds)]
             d_res, d_secs = asyncio.run(_phase(upstream_url, [{**b, "user": b["user"] + "-d"} for b in bodies], c,
                                                tokens))
             cpu0 = (gateway.cpu(), fake.cpu() if fake else 0.0, sum(me.cpu_times()[:2]))
@@ -312,9 +320,10 @@ def main(argv=None) -> dict:
                  # at concurrency 1 the upstream and the clients also served the direct requests: halved
                  "cpu_ms_per_request": {name: round((b - a) * 1000 / len(bodies) / share, 3) for name, a, b, share
                                         in zip(("gateway", "upstream", "clients"), cpu0, cpu1,
-                                               (1, 2, 2) if c == 1 else (1, 1, 1))}}
+                                               (1, 2, 2) if c == 1 else (1, 1, 1), strict=True)}}
         if c == 1:
-            pairs = [(g["ttft"] - d["ttft"], g["ttlt"] - d["ttlt"]) for g, d in zip(g_res, d_res) if g["ok"] and d["ok"]]
+            pairs = [(g["ttft"] - d["ttft"], g["ttlt"] - d["ttlt"]) for g, d in zip(g_res, d_res, strict=True)
+                     if g["ok"] and d["ok"]]
             level["added_ms"]["paired_ttft_p50_ms"] = _pct([p[0] for p in pairs], 50)
             level["added_ms"]["paired_ttlt_p50_ms"] = _pct([p[1] for p in pairs], 50)
         levels_out.append(level)
@@ -356,7 +365,8 @@ def _bar(r: dict) -> dict:
            "rps_500_at_512_no_predict": (top["gateway"]["rps"] >= 500) if r["mode"] == "no-predict"
            and top["concurrency"] >= 512 else None, "ttft_c1_within_predict_plus_3ms": None}
     if c1 and r["predict_alone"]:
-        out["ttft_c1_within_predict_plus_3ms"] = c1["added_ms"]["ttft_p50_ms"] <= r["predict_alone"]["batch1_p50_ms"] + 3
+        limit = r["predict_alone"]["batch1_p50_ms"] + 3
+        out["ttft_c1_within_predict_plus_3ms"] = c1["added_ms"]["ttft_p50_ms"] <= limit
     return out
 
 

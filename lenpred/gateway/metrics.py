@@ -17,8 +17,8 @@ PREDICTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 
 
 class Metrics:
     """`requests_total{endpoint,status}`, `prediction_seconds` (queueing in the micro-batcher included),
-    `prediction_batch_size`, `priority`, `upstream_errors_total{kind}` (connect, timeout, reset, status_5xx), `log_queue_depth`,
-    `log_write_errors_total`, `log_records_total`, `requests_in_flight`."""
+    `prediction_batch_size`, `priority`, `upstream_errors_total{kind}` (connect, timeout, reset, status_5xx,
+    shutdown), `log_queue_depth`, `log_write_errors_total`, `log_records_total`, `requests_in_flight`."""
 
     def __init__(self, log_depth=None):
         disable_created_metrics()  # no `_created` series per counter (as vLLM does); process-wide

@@ -205,7 +205,8 @@ class SSERelay:
     False) after a failure, (None, False) when the client left (or the stream never started)."""
 
     def __init__(self, upstream: Upstream, resp, tally: Tally | None, client_usage: bool, on_end=None):
-        self.upstream, self.resp, self.tally, self.client_usage, self.on_end = upstream, resp, tally, client_usage, on_end
+        self.upstream, self.resp, self.tally = upstream, resp, tally
+        self.client_usage, self.on_end = client_usage, on_end
         self._ended = False
 
     def end(self, err: UpstreamError | None, finished: bool) -> None:

@@ -89,7 +89,11 @@ class ProxyEndpoint:
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 in OpenAI's shape, the gateway goes on
             logger.exception("%s %s failed", scope["method"], path)
             status = 500
-            await _reply(send, 500, error_body(500, f"gateway error: {type(exc).__name__}: {exc}", "internal_error"))
+            try:
+                await _reply(send, 500, error_body(500, f"gateway error: {type(exc).__name__}: {exc}",
+                                                   "internal_error"))
+            except RuntimeError:  # the answer had started: uvicorn closes the connection instead
+                pass
         finally:
             if watcher is not None:
                 watcher.cancel()
