@@ -88,6 +88,10 @@ def test_upstream_stalled_past_the_timeout(upstream, make_gateway):
     assert error_events(events)[0]["code"] == 504
     assert log_rows(gw) == []
     assert metric(gw, 'lenpred_gateway_upstream_errors_total{kind="timeout"}') == 2
+    whole = make_gateway(upstream.url, request_timeout=0.5, log_path=None)  # a deadline for the whole request
+    status, events = stream(whole.url, chat("Story"))
+    assert status == 200 and content_of(events) == ["c0 "] and events[-1] == "[DONE]"
+    assert "longer than the request timeout" in error_events(events)[0]["message"]
     upstream.gate.set()
     still_serving(gw, upstream)
 

@@ -63,7 +63,8 @@ def classify(exc: BaseException, upstream: str, stopping: bool = False) -> Upstr
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(502, "connect", f"upstream {upstream} unreachable: {exc.os_error}")
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's read / connect / total timeouts subclass it
-        return UpstreamError(504, "timeout", f"upstream {upstream} timed out ({type(exc).__name__}: {exc})")
+        why = str(exc) or "the request took longer than the request timeout"
+        return UpstreamError(504, "timeout", f"upstream {upstream} timed out: {why}")
     return UpstreamError(502, "reset", f"upstream {upstream} failed mid-answer ({type(exc).__name__}: {exc})")
 
 
