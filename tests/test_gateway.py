@@ -243,11 +243,15 @@ def test_log_path_that_cannot_be_written_fails_at_start(upstream, tmp_path, caps
     from lenpred.cli import main
     from lenpred.gateway import LogPathError
 
+    def writers():
+        return sum(t.name == "lenpred-log" for t in threading.enumerate())
+
     (tmp_path / "file").write_text("")
+    before = writers()
     for bad in (tmp_path, tmp_path / "missing" / "requests.jsonl", tmp_path / "file" / "requests.jsonl"):
         with pytest.raises(LogPathError, match="cannot append to the request log"):
             Gateway(None, None, GatewayConfig(upstream=upstream.url, log_path=str(bad), predict=False))
-    assert threading.active_count() < 50  # nothing left running
+    assert writers() == before  # no writer thread left behind
     code = main(["gateway", "--no-predict", "--upstream", upstream.url, "--log", str(tmp_path)])
     assert code == 2 and "cannot append to the request log" in capsys.readouterr().err
 

@@ -98,6 +98,8 @@ class Gateway:
 
     @property
     def url(self) -> str:
+        if self._thread_server is None:
+            raise RuntimeError("the gateway is not running in this process: call .start() first")
         return self._thread_server.url
 
     def begin_shutdown(self) -> None:

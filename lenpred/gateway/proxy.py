@@ -125,7 +125,10 @@ class Upstream:
         """Back to the pool if the answer was read to its end, else close the connection: vLLM and SGLang abort
         a request whose connection closes, so the upstream stops generating for a client that left."""
         self.active.discard(resp)
-        resp.release() if complete else resp.close()
+        if complete:
+            resp.release()
+        else:
+            resp.close()
 
     def stop_reads(self) -> None:
         """Shutdown grace over: every read still waiting on the upstream raises GatewayStopping, and closing the
