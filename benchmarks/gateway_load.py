@@ -182,7 +182,12 @@ async def _paired(direct: str, via: str, bodies: list[dict], tokens) -> tuple[li
 
 def _summary(results: list[dict], seconds: float) -> dict:
     ok = [r for r in results if r["ok"]]
-    return {"requests": len(results), "lost": len(results) - len(ok), "rps": round(len(ok) / seconds, 1),
+    failures: dict = {}
+    for r in results:
+        if not r["ok"]:
+            failures[str(r["status"])[:120]] = failures.get(str(r["status"])[:120], 0) + 1
+    return {"requests": len(results), "lost": len(results) - len(ok), "failures": failures,
+            "rps": round(len(ok) / seconds, 1),
             "ttft_p50_ms": _pct([r["ttft"] for r in ok], 50), "ttft_p99_ms": _pct([r["ttft"] for r in ok], 99),
             "ttlt_p50_ms": _pct([r["ttlt"] for r in ok], 50), "ttlt_p99_ms": _pct([r["ttlt"] for r in ok], 99)}
 
@@ -331,11 +336,12 @@ def main(argv=None) -> dict:
               f"+{direct['lost']}, added TTFT p50 {level['added_ms']['ttft_p50_ms']} ms p99 "
               f"{level['added_ms']['ttft_p99_ms']} ms, TTLT p50 {level['added_ms']['ttlt_p50_ms']} ms, gateway CPU "
               f"{level['cpu_ms_per_request']['gateway']} ms/request", flush=True)
-    stats = None
-    if fake:
-        import httpx
+    import httpx
 
-        stats = httpx.get(fake.url + "/fake/stats").json()
+    stats = httpx.get(fake.url + "/fake/stats").json() if fake else None
+    upstream_errors = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                       for line in httpx.get(gateway.url + "/metrics").text.splitlines()
+                       if line.startswith("lenpred_gateway_upstream_errors_total{")}
     exit_code = gateway.stop()  # SIGTERM: drains the log
     if fake:
         fake.stop()
@@ -346,6 +352,7 @@ def main(argv=None) -> dict:
                           "loadavg": [round(x, 2) for x in os.getloadavg()], "threads": args.threads},
               "predict_alone": reference, "levels": levels_out, "gateway_exit_code": exit_code,
               "duplicated_at_upstream": len(stats["duplicated"]) if stats else None,
+              "gateway_upstream_errors": upstream_errors,
               "log": _log_check(log, gateway_ids)}
     result["bar"] = _bar(result)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,9 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="seconds for a whole request, body and answer (0: no limit)")
     g.add_argument("--max-upstream-connections", type=int, default=d.max_upstream_connections,
                    help="open connections to the upstream at most (0: no limit)")
+    g.add_argument("--upstream-keepalive", type=float, default=d.upstream_keepalive,
+                   help="seconds an idle upstream connection is kept for reuse; keep it below the upstream's own "
+                        "keep-alive timeout (vLLM, uvicorn: 5 s)")
 
     g = ap.add_argument_group("server", "the gateway's own HTTP server (uvicorn)")
     g.add_argument("--host", default=d.host)

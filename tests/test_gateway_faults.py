@@ -96,6 +96,35 @@ def test_upstream_stalled_past_the_timeout(upstream, make_gateway):
     still_serving(gw, upstream)
 
 
+def test_connection_closed_before_the_answer_is_sent_again(upstream, make_gateway):
+    """A pooled connection that the upstream closes just as it is reused (its keep-alive ran out) fails before the
+    request was handled: it is sent again on another connection, twice at most, then it is a 502."""
+    import aiohttp
+
+    gw = make_gateway(upstream.url)
+    fails = [2]
+
+    class Flaky:  # the session, but its first requests meet a connection closed under them
+        def __init__(self, session):
+            self.session = session
+
+        async def request(self, *args, **kw):
+            if fails[0]:
+                fails[0] -= 1
+                raise aiohttp.ServerDisconnectedError()
+            return await self.session.request(*args, **kw)
+
+        async def close(self):
+            await self.session.close()
+
+    gw.upstream.session = Flaky(gw.upstream.session)
+    assert post(gw.url, chat("Hello")).status_code == 200 and len(upstream.received) == 1
+    fails[0] = 3
+    resp = post(gw.url, chat("Hello"))
+    assert resp.status_code == 502 and "failed" in resp.json()["error"]["message"]
+    assert len(upstream.received) == 1 and len(log_rows(gw)) == 1
+
+
 def test_client_gone_mid_stream_cancels_the_upstream(upstream, make_gateway):
     upstream.gate_after = 1
     gw = make_gateway(upstream.url)

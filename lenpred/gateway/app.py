@@ -54,7 +54,7 @@ class Gateway:
     def __init__(self, model, tokenizer, config: GatewayConfig, clock=time.monotonic, predictor=None):
         self.model, self.tokenizer, self.config, self.clock = model, tokenizer, config, clock
         self.upstream = Upstream(config.upstream, config.upstream_timeout, config.request_timeout,
-                                 config.max_upstream_connections)
+                                 config.max_upstream_connections, config.upstream_keepalive)
         self.log = LogWriter(config.log_path, config.fsync) if config.log_path else None  # fails before serving
         self.metrics = Metrics(log_depth=self.log.depth if self.log else None)
         if self.log:
@@ -155,6 +155,11 @@ class Gateway:
             return None, None
         self.metrics.prediction_seconds.observe(time.perf_counter() - t0)
         return mean, std
+
+    def upstream_failed(self, err, path: str) -> None:
+        """Count an upstream failure, and say what it was (as a proxy's error log does)."""
+        self.metrics.upstream_errors.labels(err.kind).inc()
+        logger.warning("%s -> %d: %s", path, err.status, err)
 
     async def health(self, request: Request) -> Response:
         if self.draining:

@@ -29,4 +29,5 @@ class GatewayConfig:
     max_request_bytes: int = 16 * 1024 * 1024  # larger bodies get 413
     shutdown_timeout: float = 30.0             # seconds in-flight answers get to finish after SIGTERM
     max_upstream_connections: int = 0          # 0: no limit
+    upstream_keepalive: float = 4.0            # seconds an idle upstream connection is kept (vLLM drops it at 5)
     access_log: bool = False                   # uvicorn's access log (one line per request)

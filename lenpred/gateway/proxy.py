@@ -83,20 +83,26 @@ def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
 class Upstream:
     """One pooled aiohttp session to the upstream; opened and closed with the app (its lifespan)."""
 
-    def __init__(self, base_url: str, timeout: float, request_timeout: float = 0.0, max_connections: int = 0):
+    #: A pooled connection the upstream closes as the gateway reuses it fails before the request is handled: sent
+    #: again on another connection, this many times at most.
+    retries = 2
+
+    def __init__(self, base_url: str, timeout: float, request_timeout: float = 0.0, max_connections: int = 0,
+                 keepalive: float = 4.0):
         url = urllib.parse.urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http(s) URL, got {base_url!r}")
         self.base, self.prefix = base_url.rstrip("/"), url.path.rstrip("/")
         self.origin = f"{url.scheme}://{url.netloc}"
         self.timeout = aiohttp.ClientTimeout(total=request_timeout or None, sock_connect=timeout, sock_read=timeout)
-        self.max_connections = max_connections
+        self.max_connections, self.keepalive = max_connections, keepalive
         self.session: aiohttp.ClientSession | None = None
         self.active: set[aiohttp.ClientResponse] = set()
         self.stopping = False
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
+        # idle connections are dropped before the upstream drops them (uvicorn, hence vLLM: after 5 s)
+        connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive)
         self.session = aiohttp.ClientSession(self.origin, connector=connector, timeout=self.timeout,
                                              auto_decompress=False, skip_auto_headers=("User-Agent",))
 
@@ -107,11 +113,18 @@ class Upstream:
 
     async def send(self, method: str, path_qs: str, headers: CIMultiDict, body: bytes | None):
         """The upstream's response (headers read, body not yet), tracked until `done`; or UpstreamError."""
-        try:
-            resp = await self.session.request(method, self.prefix + path_qs, headers=headers, data=body,
-                                              allow_redirects=False)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status (classify)
-            raise classify(exc, self.base, self.stopping) from exc
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await self.session.request(method, self.prefix + path_qs, headers=headers, data=body,
+                                                  allow_redirects=False)
+                break
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # closed before any answer: a keep-alive connection the upstream had just closed, or the upstream
+                # went away (then the next attempt fails to connect)
+                if attempt == self.retries or self.stopping or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise classify(exc, self.base, self.stopping) from exc
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status (classify)
+                raise classify(exc, self.base, self.stopping) from exc
         self.active.add(resp)
         return resp
 

@@ -143,7 +143,7 @@ class ProxyEndpoint:
         try:
             resp = await gw.upstream.send(method, path_qs, headers, raw if raw or method == "POST" else None)
         except UpstreamError as err:
-            gw.metrics.upstream_errors.labels(err.kind).inc()
+            gw.upstream_failed(err, path_qs)
             await _reply(send, err.status, error_body(err.status, str(err), "upstream_error"))
             return err.status
         if resp.status >= 500:
@@ -156,7 +156,7 @@ class ProxyEndpoint:
             data = await gw.upstream.read(resp)
         except UpstreamError as err:
             gw.upstream.done(resp, False)
-            gw.metrics.upstream_errors.labels(err.kind).inc()
+            gw.upstream_failed(err, path_qs)
             await _reply(send, err.status, error_body(err.status, str(err), "upstream_error"))
             return err.status
         except BaseException:
@@ -177,7 +177,7 @@ class ProxyEndpoint:
 
         def ended(err, finished):
             if err is not None:
-                gw.metrics.upstream_errors.labels(err.kind).inc()
+                gw.upstream_failed(err, resp.url.path)
             if (finished and ask and resp.status == 200 and ask.prompt and not tally.error
                     and (tally.usage or tally.chunks)):
                 gw.record(ask, tally)
