@@ -34,64 +34,101 @@ def _ensure_repo_on_path() -> None:
 
 
 def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`lenpred gateway`'s flags, grouped as `vllm serve --help` groups its own."""
+    from lenpred.gateway.config import GatewayConfig
     from lenpred.inference import CPU_OPTIONS
-    from lenpred.gateway import GatewayConfig
 
     d = GatewayConfig()
-    ap.add_argument("--model", required=True, help="LenPred export folder (lenpred.hub.export_model output)")
-    ap.add_argument("--upstream", default=d.upstream, help="OpenAI-compatible server (vLLM/SGLang) base URL, no /v1")
-    ap.add_argument("--host", default=d.host)
-    ap.add_argument("--port", type=int, default=d.port)
-    ap.add_argument("--log", dest="log_path", help="append one JSONL line per finished request (train.py --dataset)")
-    ap.add_argument("--default-priority", type=int, default=d.default_priority,
-                    help="priority for LLMs the model does not know (before aging)")
-    ap.add_argument("--aging-rate", type=float, default=d.aging_rate,
-                    help="priority (tokens) added per second of arrival time; 0 = no aging")
-    ap.add_argument("--chat-prompt", choices=("last_user", "all"), default=d.chat_prompt,
-                    help="chat text to predict from: the last user message, or all messages joined")
-    ap.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                    help="wait this long to grow a prediction batch (0: batch only what queued meanwhile)")
-    ap.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per prediction batch")
-    ap.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout, help="seconds")
-    ap.add_argument("--no-fsync", dest="fsync", action="store_false", help="do not fsync the log after each line")
-    ap.add_argument("--flag-tokens", type=float, default=d.flag_tokens, help="flag |error| above this many tokens")
-    ap.add_argument("--flag-fraction", type=float, default=d.flag_fraction, help="... or above this share of actual")
-    ap.add_argument("--flag-rule", choices=("or", "and"), default=d.flag_rule,
-                    help="flag when either threshold is exceeded (Cheng et al. as worded) or only when both are")
-    ap.add_argument("--backend", choices=("torch", *CPU_OPTIONS), default="torch",
-                    help="predictor: the fp32 torch fast path, or a lenpred.fast CPU option (python -m lenpred.fast "
-                         "--check reports their agreement with fp32)")
-    ap.add_argument("--device", help="torch device for the model (default: CPU)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g = ap.add_argument_group("model", "the length predictor")
+    g.add_argument("--model", help="LenPred export folder (lenpred.hub.export_model output); required unless "
+                                   "--no-predict")
+    g.add_argument("--backend", choices=("torch", *CPU_OPTIONS), default="torch",
+                   help="predictor: the fp32 torch fast path, or a lenpred.fast CPU option (python -m lenpred.fast "
+                        "--check reports their agreement with fp32)")
+    g.add_argument("--fast-dir", help="folder for the --backend files (ONNX; reused when there; default "
+                                      "<model>/fast)")
+    g.add_argument("--device", help="torch device for the model (default: CPU)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="wait this long to grow a prediction batch (0: batch only what queued meanwhile)")
+    g.add_argument("--max-batch", type=int, default=d.max_batch, help="prompts per prediction batch")
+    g.add_argument("--no-predict", dest="predict", action="store_false",
+                   help="switch prediction off: every request gets --default-priority with aging (a baseline, and "
+                        "the gateway's own cost)")
+
+    g = ap.add_argument_group("priority", "the `priority` sent upstream (lower runs first)")
+    g.add_argument("--default-priority", type=int, default=d.default_priority,
+                   help="priority for LLMs the model does not know, prompts without text (before aging)")
+    g.add_argument("--aging-rate", type=float, default=d.aging_rate,
+                   help="priority (tokens) added per second of arrival time; 0 = no aging")
+    g.add_argument("--chat-prompt", choices=("last_user", "all"), default=d.chat_prompt,
+                   help="chat text to predict from: the last user message, or all messages joined")
+    g.add_argument("--keep-client-priority", action="store_true",
+                   help="forward a client's own integer `priority` unchanged (still predicted and logged)")
+
+    g = ap.add_argument_group("upstream", "the OpenAI-compatible server (vLLM, SGLang)")
+    g.add_argument("--upstream", default=d.upstream, help="base URL, no /v1")
+    g.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout,
+                   help="seconds the upstream may stay silent (connecting, or between two reads): then 504, or an "
+                        "error event mid-stream")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds for a whole request, body and answer (0: no limit)")
+    g.add_argument("--max-upstream-connections", type=int, default=d.max_upstream_connections,
+                   help="open connections to the upstream at most (0: no limit)")
+    g.add_argument("--upstream-keepalive", type=float, default=d.upstream_keepalive,
+                   help="seconds an idle upstream connection is kept for reuse; keep it below the upstream's own "
+                        "keep-alive timeout (vLLM, uvicorn: 5 s)")
+
+    g = ap.add_argument_group("server", "the gateway's own HTTP server (uvicorn)")
+    g.add_argument("--host", default=d.host)
+    g.add_argument("--port", type=int, default=d.port, help="0: any free port (logged)")
+    g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help="larger request bodies get 413")
+    g.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="on SIGTERM, seconds in-flight answers get to finish before their streams are ended")
+    g.add_argument("--access-log", action="store_true", help="one uvicorn access-log line per request")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+    g = ap.add_argument_group("request log", "JSONL training data: one line per finished answer")
+    g.add_argument("--log", dest="log_path", help="append one JSONL line per finished request (train.py --dataset)")
+    g.add_argument("--no-fsync", dest="fsync", action="store_false", help="do not fsync the log after each write")
+    g.add_argument("--flag-tokens", type=float, default=d.flag_tokens, help="flag |error| above this many tokens")
+    g.add_argument("--flag-fraction", type=float, default=d.flag_fraction, help="... or above this share of actual")
+    g.add_argument("--flag-rule", choices=("or", "and"), default=d.flag_rule,
+                   help="flag when either threshold is exceeded (Cheng et al. as worded) or only when both are")
     return ap
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    import signal
-
-    from lenpred.gateway import Gateway, GatewayConfig
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.model and args.predict:
+        print("lenpred gateway: --model is required (or --no-predict)", file=sys.stderr)
+        return 2
+    try:
+        from lenpred.gateway import Gateway, GatewayConfig, LogPathError
+        from lenpred.gateway.server import serve
+    except ImportError as exc:
+        print(f"lenpred gateway: {exc}; install the serving stack with: pip install 'lenpred[serve]'", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     config = GatewayConfig(**{k: v for k, v in vars(args).items() if k in GatewayConfig.__dataclass_fields__})
-    gw = Gateway.from_export(args.model, config, device=args.device, backend=args.backend)
-
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    logging.getLogger("lenpred.gateway").info("LenPred gateway on %s -> %s (LLMs: %s)", gw.url, config.upstream,
-                                              ", ".join(gw.model.config.llm_names))
     try:
-        gw.server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        gw.close()
-    return 0
+        if args.model:
+            gw = Gateway.from_export(args.model, config, device=args.device, backend=args.backend,
+                                     workdir=args.fast_dir, threads=args.threads)
+        else:
+            gw = Gateway(None, None, config)
+    except (LogPathError, ValueError) as exc:
+        print(f"lenpred gateway: {exc}", file=sys.stderr)
+        return 2
+    if gw.model is not None:
+        logging.getLogger("lenpred.gateway").info("LLMs predicted for: %s%s", ", ".join(gw.model.config.llm_names),
+                                                  "" if config.predict else " (prediction off)")
+    return serve(gw, log_level=args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
