@@ -192,3 +192,11 @@ def test_fit_sim_config_matches_the_reference_makespan():
     recs = {"fcfs": ref, "oracle": ref.assign(priority=ref["tokens"])}
     _, table = compare(runs, recs, cfg)
     assert table.set_index("policy").loc["oracle", "sim_cut_pct"] > 10
+
+
+def test_priority_order_tells_honoured_from_ignored():
+    rec = _records([5] * 6, [0.0] * 6).assign(priority=[6, 5, 4, 3, 2, 1], first_s=[0.1, 0.2, 3, 2, 1, 0.5])
+    assert analysis.priority_order(rec) < 0.5
+    assert analysis.priority_order(rec.assign(first_s=[6.0, 5, 4, 3, 2, 1])) == pytest.approx(1.0)
+    assert analysis.priority_order(rec, skip_first=2) == pytest.approx(1.0)  # two early starters left out
+    assert math.isnan(analysis.priority_order(rec.assign(priority=0)))

@@ -14,7 +14,7 @@ import pandas as pd
 
 from lenpred.scheduling import summarize
 
-__all__ = ["run_metrics", "summarize_runs", "repeatability", "bar_checks", "load_label"]
+__all__ = ["run_metrics", "summarize_runs", "repeatability", "bar_checks", "load_label", "priority_order"]
 
 
 def load_label(load: float) -> str:
@@ -75,6 +75,19 @@ def repeatability(records: pd.DataFrame, reference: pd.Series) -> dict:
                 prompts_always_same_share=float(same.mean()), mean_abs_diff=float(diff.mean()),
                 p90_abs_diff=float(np.percentile(diff, 90)), within_5pct_share=float((diff <= 0.05 * ref).mean()),
                 kendall_tau=float(kendalltau(ref, got).statistic) if len(got) > 1 else math.nan)
+
+
+def priority_order(records: pd.DataFrame, skip_first: int = 0) -> float:
+    """Kendall tau between the priority vLLM got and when the request started (its first token), leaving out the
+    ``skip_first`` requests that started first (under a backlog, those that found a free slot before the rest had
+    arrived): near 1 when the engine honours the priority field, near 0 when it does not. NaN for constant
+    priorities (FCFS)."""
+    from scipy.stats import kendalltau
+
+    r = records.dropna(subset=["priority", "first_s"]).sort_values("first_s").iloc[skip_first:]
+    if len(r) < 3 or r["priority"].nunique() < 2:
+        return math.nan
+    return float(kendalltau(r["priority"], r["first_s"]).statistic)
 
 
 def _get(summary: pd.DataFrame, policy: str, load: float, col: str) -> float:

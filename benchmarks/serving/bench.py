@@ -45,14 +45,14 @@ class BenchConfig:
     max_model_len: int = 2048
     kv_cache_gib: int = 2
     vllm_args: list[str] = field(default_factory=list)
-    requests: int = 100                  # evaluation pool = requests per run
-    holdout: int = 100
-    adapt: int = 200
+    requests: int = 40                   # evaluation pool = requests per run
+    holdout: int = 40
+    adapt: int = 100
     solo: int = 6
-    max_tokens: int = 128
-    max_prompt_tokens: int = 256
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    loads: list[float] = field(default_factory=lambda: [0.7, 0.9, math.inf])
+    max_tokens: int = 192
+    max_prompt_tokens: int = 128
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    loads: list[float] = field(default_factory=lambda: [0.9, math.inf])
     single_seed_loads: list[float] = field(default_factory=list)  # of `loads`, run with the first seed only
     gateway_threads: int | None = 1
     gateway_cpus: list[int] | None = None

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.serving.analysis import bar_checks, load_label, per_seed_cuts, repeatability, summarize_runs
+from benchmarks.serving.analysis import (bar_checks, load_label, per_seed_cuts, priority_order, repeatability,
+                                         summarize_runs)
 
 __all__ = ["load_runs", "write_report"]
 
@@ -143,6 +144,15 @@ def write_report(out: Path, smoke: bool = False) -> dict:
             "gain_pct_std", "share_of_oracle_gain"]
     md += ["## Completion time per policy and load (mean over seeds; std over seeds)", "",
            _table(s, [c for c in cols if c in s.columns]), "", "![completion](completion.png) ![cuts](cuts.png)", ""]
+    honoured = pd.DataFrame([dict(run=r.run_id, policy=r.policy, tau=priority_order(records[r.run_id],
+                                                                                  cfg["max_num_seqs"]))
+                             for r in grid[np.isinf(grid["load"])].itertuples(index=False)]).dropna()
+    if len(honoured):
+        honoured.to_csv(out / "priority_order.csv", index=False)
+        md += ["## Priorities honoured?", "", "Backlog runs: Kendall tau between the priority vLLM got and the "
+               f"order requests started in (the first {cfg['max_num_seqs']} starters left out: they found free "
+               "slots before the rest arrived); 1 = started strictly by priority.", "",
+               _table(honoured, ["run", "policy", "tau"], 3), ""]
     md += ["## Greedy lengths repeat?", "",
            f"Over {rep['answers']} grid answers of {rep['prompts']} prompts: {100 * rep['same_length_share']:.1f} % "
            f"had exactly the reference pass's length, {100 * rep['prompts_always_same_share']:.1f} % of prompts never "
