@@ -62,6 +62,7 @@ class BenchConfig:
     adapt_modes: dict = field(default_factory=lambda: {"lenpred": "sibling", "lenpred_adapted": "llm"})
     adapt_args: list[str] = field(default_factory=list)
     pool_seed: int = 0
+    dataset: str | None = None           # CASTILLO source (lenpred.data's default when None)
     resume: bool = False
     work: str | None = None              # adaptation runs and exports (large): default .cache/serving/work/OUT-NAME
 
@@ -147,7 +148,7 @@ class Bench:
         c = self.cfg
         tok = AutoTokenizer.from_pretrained(c.model_dir)
         limit = min(c.max_prompt_tokens, c.max_model_len - c.max_tokens - 8)
-        prompts = castillo_prompts(split="test", tokenizer=tok, max_prompt_tokens=limit)
+        prompts = castillo_prompts(c.dataset, split="test", tokenizer=tok, max_prompt_tokens=limit)
         pools = sample_pools(prompts, c.requests, c.holdout, c.adapt, seed=c.pool_seed)
         for name in ("eval", "holdout", "adapt"):
             getattr(pools, name).to_parquet(self.out / f"pool-{name}.parquet", index=False)

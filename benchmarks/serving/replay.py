@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__ + SIZING, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="outputs/lenpred-minilm", help="LenPred export (the base model)")
     ap.add_argument("--out", default="reports/serving/full", help="output folder (runs, logs, report)")
+    ap.add_argument("--dataset", help="CASTILLO folder or Hub id (default: lenpred.data's, ../shared/data/castillo)")
     ap.add_argument("--model-dir", default=".cache/serving/SmolLM2-135M-Instruct", help="LLM folder vLLM serves")
     ap.add_argument("--served-name", default=SERVED_NAME, help="name vLLM serves it under (the log's `model`)")
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the venv with vLLM")
@@ -88,7 +89,7 @@ def _config(a: argparse.Namespace):
                        loads=a.loads, single_seed_loads=a.single_seed_loads, gateway_threads=a.gateway_threads,
                        gateway_cpus=a.gateway_cpus, policies=a.policies, backend=a.backend,
                        adapt_args=shlex.split(a.adapt_args),
-                       pool_seed=a.pool_seed, resume=a.resume)
+                       pool_seed=a.pool_seed, resume=a.resume, dataset=a.dataset)
 
 
 def closed_loop_quality(out: Path, meta: dict) -> pd.DataFrame | None:
