@@ -126,7 +126,9 @@ def bar_checks(summary: pd.DataFrame, high_load: float, quality: dict | None = N
             if r.policy == "fcfs":
                 continue
             rel = abs(r.sim_cut_pct - r.real_cut_pct) / abs(r.real_cut_pct) if r.real_cut_pct else math.nan
-            add(f"{load_label(r.load)}: simulator cut {r.sim_cut_pct:.1f} % vs real {r.real_cut_pct:.1f} % "
+            se = getattr(r, "real_cut_std", math.nan) / math.sqrt(max(getattr(r, "seeds", 1), 1))
+            noise = f" ± {se:.1f} (s.e. over seeds)" if math.isfinite(se) else ""
+            add(f"{load_label(r.load)}: simulator cut {r.sim_cut_pct:.1f} % vs real {r.real_cut_pct:.1f} %{noise} "
                 f"({r.policy}), relative error", rel, "<= 0.25", rel <= 0.25)
     if lost:
         add(f"nothing lost: runs with every request answered and logged exactly once ({lost['runs_ok']} of "
