@@ -185,7 +185,7 @@ def _check_column(requests: pd.DataFrame, col, what: str) -> np.ndarray:
 
 def simulate(requests: pd.DataFrame, order: str = "fcfs", order_column: str | None = None,
              memory: str = "max_tokens", bound_column: str | None = None, load: float = 0.9,
-             config: SimConfig | None = None, seed: int = 0) -> dict:
+             config: SimConfig | None = None, seed: int = 0, arrival_column: str | None = None) -> dict:
     """Simulate one policy at one load. Return scalar metrics (times in seconds).
 
     Each request's true length is one draw from its ``output_sizes``, capped at max_tokens. The draw
@@ -193,6 +193,10 @@ def simulate(requests: pd.DataFrame, order: str = "fcfs", order_column: str | No
     :func:`server_capacity`). All policies therefore see the same trace for the same seed.
     ``load=math.inf`` is a backlog: every request is queued at t = 0, so the server is never short of
     work and what a memory policy admits (running requests, throughput, preemptions) shows in full.
+
+    ``arrival_column`` (seconds) replays a given trace instead, e.g. one measured on a real server: arrivals come
+    from that column (``load`` is then ignored), requests with equal arrival keep their row order (FCFS and
+    priority ties go to the earlier row, as vLLM breaks ties by arrival), and no permutation is drawn.
     """
     cfg = config or SimConfig()
     if order not in ORDERS:
@@ -226,6 +230,9 @@ def simulate(requests: pd.DataFrame, order: str = "fcfs", order_column: str | No
         res = inp + np.clip(np.ceil(bound), 1, cfg.max_tokens).astype(np.int64)
     pri_all = out.astype(float) if order == "oracle" else pri_all
     aging = cfg.aging_rate / 1000 if order == "spf_aging" else 0.0
+    given = None if arrival_column is None else 1000.0 * _check_column(requests, arrival_column, "arrival")
+    if given is not None and (given < 0).any():
+        raise ValueError(f"arrival column {arrival_column!r} has negative times")
     llms = requests["llm"].astype(str).to_numpy()
     comp, ttft, wait, npre = [], [], [], []
     steps = bsteps = bmax = 0
@@ -233,10 +240,14 @@ def simulate(requests: pd.DataFrame, order: str = "fcfs", order_column: str | No
     for s, name in enumerate(sorted(set(llms))):
         rows = np.flatnonzero(llms == name)
         rate, _ = server_capacity(inp[rows].mean(), expected[rows].mean(), cfg)
-        srng = np.random.default_rng([seed, 1, s])
-        rows = rows[srng.permutation(len(rows))]
-        arr = (np.zeros(len(rows)) if math.isinf(load)  # a backlog: every request is queued at t = 0
-               else np.cumsum(srng.exponential(1000.0 / (load * rate), len(rows))))
+        if given is not None:
+            rows = rows[np.argsort(given[rows], kind="stable")]
+            arr = given[rows]
+        else:
+            srng = np.random.default_rng([seed, 1, s])
+            rows = rows[srng.permutation(len(rows))]
+            arr = (np.zeros(len(rows)) if math.isinf(load)  # a backlog: every request is queued at t = 0
+                   else np.cumsum(srng.exponential(1000.0 / (load * rate), len(rows))))
         r = _run_server(arr, inp[rows], out[rows], res[rows],
                         None if pri_all is None else pri_all[rows], aging, cfg)
         comp.append(r["finish"] - arr)
@@ -303,7 +314,8 @@ def sweep(requests: pd.DataFrame, policies: dict | None = None, loads=DEFAULT_LO
     return pd.DataFrame(rows)
 
 
-_SUMMARY_METRICS = ("mean_completion_s", "p50_completion_s", "p99_completion_s", "mean_ttft_s", "p99_ttft_s",
+_SUMMARY_METRICS = ("mean_completion_s", "p50_completion_s", "p90_completion_s", "p99_completion_s", "mean_ttft_s",
+                    "p50_ttft_s", "p90_ttft_s", "p99_ttft_s",
                     "throughput_rps", "throughput_tps", "preemptions", "preempted_share", "mean_running",
                     "max_running", "max_wait_s", "truncated", "gain_pct")
 
