@@ -144,10 +144,12 @@ class LenPredModel(LenPredPreTrainedModel):
             vector = torch.cat([vector, torch.log1p(n_tokens) / LENGTH_FEATURE_SCALE], dim=-1)
         return vector
 
-    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor):
-        """Predictions for `llm_ids` of shape (batch, n_llms) from prompt vectors (batch, d): no encoder work."""
+    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor, llm_table: torch.Tensor | None = None):
+        """Predictions for `llm_ids` of shape (batch, n_llms) from prompt vectors (batch, d): no encoder work.
+        `llm_table` stands in for the LLM embedding's weight (adapting one LLM's row learns through it)."""
         n = llm_ids.shape[1]
-        joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), self.llm_embedding(llm_ids)], dim=-1)
+        table = self.llm_embedding.weight if llm_table is None else llm_table
+        joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), F.embedding(llm_ids, table)], dim=-1)
         hidden = self.mlp(joined)
         raw = self.length_head(hidden)
         # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
@@ -174,6 +176,7 @@ class LenPredModel(LenPredPreTrainedModel):
         labels_std: torch.Tensor | None = None,
         prompt_length: torch.Tensor | None = None,
         label_weight: torch.Tensor | None = None,
+        labels_mean_floor: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> LenPredOutput:
@@ -188,20 +191,24 @@ class LenPredModel(LenPredPreTrainedModel):
         label_weight (`torch.FloatTensor` of shape `(batch,)` or `(batch, n_llms)`, *optional*):
             Training only: how much each prompt's labels (or each ⟨prompt, LLM⟩ label) count in the loss, e.g. to
             favour the LLMs that matter most.
+        labels_mean_floor (`torch.FloatTensor`, same shape as `llm_ids`, *optional*):
+            A lower bound of the mean answer length where an answer was cut short by its `max_tokens` (NaN
+            elsewhere; `labels_mean` is NaN there): the loss only pushes predictions below the bound up.
         """
         ids, squeeze = self._llm_ids(llm_ids, input_ids.shape[0], input_ids.device)
         vector = self.encode(input_ids, attention_mask, token_type_ids, prompt_length)
         bin_logits, log_mean, log_std = self.heads(vector, ids)
         loss = None
         if labels_mean is not None or labels_std is not None:
-            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape, label_weight)
+            loss = self.loss(bin_logits, log_mean, log_std, labels_mean, labels_std, ids.shape, label_weight,
+                             labels_mean_floor)
         if squeeze:
             bin_logits, log_mean, log_std = bin_logits[:, 0], log_mean[:, 0], log_std[:, 0]
         return LenPredOutput(loss=loss, bin_logits=bin_logits, mean=torch.expm1(log_mean), std=torch.expm1(log_std),
                              log_mean=log_mean, log_std=log_std)
 
     def loss(self, bin_logits, log_mean, log_std, labels_mean, labels_std, shape,
-             label_weight=None) -> torch.Tensor:
+             label_weight=None, labels_mean_floor=None) -> torch.Tensor:
         """Cross-entropy over bins + L1 on log1p(mean) and log1p(std), each averaged over present labels (weighted
         by `label_weight` when given).
 
@@ -209,6 +216,9 @@ class LenPredModel(LenPredPreTrainedModel):
         median is unchanged by the log); squared or smooth-L1 losses estimate the mean of the log, which lengths'
         left-skewed log distribution drags far below the median. No likelihood head: its σ would mix the
         predictor's own error with the answers' spread; here the std head is supervised by the answers' own spread.
+
+        A capped answer (`labels_mean_floor`) is censored: its length is at least the floor, so the L1 term becomes
+        `relu(log1p(floor) - log_mean)` and the bin term the probability of the floor's bin or any above it.
         """
         c = self.config
         weight = None
@@ -216,13 +226,14 @@ class LenPredModel(LenPredPreTrainedModel):
             weight = label_weight.to(log_mean.dtype)
             weight = (weight.reshape(-1, 1) if weight.dim() == 1 else weight).expand(shape)
 
-        def average(values, present):  # plain or weighted mean over the present labels
+        def average(values, *masks):  # plain or weighted mean over the labels the masks select, in their order
             if weight is None:
                 return values.mean()
-            w = weight[present]
+            w = torch.cat([weight[m] for m in masks])
             return (values * w).sum() / w.sum().clamp(min=torch.finfo(w.dtype).tiny)
 
         total = bin_logits.sum() * 0.0  # keeps the graph when a batch has no labels at all
+        terms = []  # (bin term, L1 term, mask) of the known means, then of the censored ones
         if labels_mean is not None:
             target = labels_mean.to(log_mean.dtype).reshape(shape)
             present = ~torch.isnan(target)
@@ -230,10 +241,23 @@ class LenPredModel(LenPredPreTrainedModel):
                 tokens = target[present]
                 edges = torch.tensor(c.bin_edges[1:], device=tokens.device, dtype=tokens.dtype)
                 bins = torch.bucketize(tokens, edges, right=True)
-                total = total + c.bin_loss_weight * average(
-                    F.cross_entropy(bin_logits[present], bins, reduction="none"), present)
-                total = total + c.mean_loss_weight * average(
-                    F.l1_loss(log_mean[present], torch.log1p(tokens), reduction="none"), present)
+                terms.append((F.cross_entropy(bin_logits[present], bins, reduction="none"),
+                              F.l1_loss(log_mean[present], torch.log1p(tokens), reduction="none"), present))
+        if labels_mean_floor is not None:
+            floor = labels_mean_floor.to(log_mean.dtype).reshape(shape)
+            censored = ~torch.isnan(floor)
+            if censored.any():
+                edges = torch.tensor(c.bin_edges[1:], device=floor.device, dtype=floor.dtype)
+                lowest = torch.bucketize(floor[censored], edges, right=True)  # the floor's bin: any bin from it up
+                logits = bin_logits[censored]
+                above = torch.arange(logits.shape[-1], device=logits.device) >= lowest.unsqueeze(-1)
+                tail = logits.masked_fill(~above, torch.finfo(logits.dtype).min).logsumexp(-1)
+                terms.append((logits.logsumexp(-1) - tail,
+                              F.relu(torch.log1p(floor[censored]) - log_mean[censored]), censored))
+        if terms:
+            masks = [m for _, _, m in terms]
+            total = total + c.bin_loss_weight * average(torch.cat([t[0] for t in terms]), *masks)
+            total = total + c.mean_loss_weight * average(torch.cat([t[1] for t in terms]), *masks)
         if labels_std is not None:
             target = labels_std.to(log_std.dtype).reshape(shape)
             present = ~torch.isnan(target)

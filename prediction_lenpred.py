@@ -18,8 +18,8 @@ try:
 except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
 
-__all__ = ["LenPredPrediction", "check_prompts", "tokenize_prompts", "predict_in_batches", "reservation_bound",
-           "lognormal_quantile"]
+__all__ = ["LenPredPrediction", "check_prompts", "tokenize_prompts", "run_in_batches", "predict_in_batches",
+           "reservation_bound", "lognormal_quantile"]
 
 
 @dataclass
@@ -73,18 +73,13 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], config: LenPredConfig,
     return ids, [len(seq) for seq in full]
 
 
-def predict_in_batches(config: LenPredConfig, tokenizer, prompts, llms, run_batch, batch_size: int = 32,
-                       max_length: int | None = None, progress: bool = False, desc: str = "predict",
-                       quantile: float | None = None) -> LenPredPrediction:
-    """The batching every backend shares: check the prompts, resolve the LLM names, tokenize (head + tail, whole
-    lengths), sort by length, pad each batch to its own longest prompt and call
-    `run_batch(input_ids, attention_mask, prompt_length, llm_ids)` → (bin probs, mean, std) CPU tensors of shape
-    (batch, len(llm_ids)[, num_bins]); then put the prompts back in their order. The bound is the `quantile`
-    (default `config.reservation_quantile`) of one answer's length, calibrated where `config.bound_offsets` has it."""
+def run_in_batches(config: LenPredConfig, tokenizer, prompts, run_batch, batch_size: int = 32,
+                   max_length: int | None = None, progress: bool = False, desc: str = "predict") -> list[torch.Tensor]:
+    """The batching every backend shares: check the prompts, tokenize (head + tail, whole lengths), sort by
+    length, pad each batch to its own longest prompt and call `run_batch(input_ids, attention_mask,
+    prompt_length)` → a tuple of CPU tensors with the batch first; then put the prompts back in their order.
+    Returns each output stacked over all prompts."""
     prompts = check_prompts(prompts)
-    names = config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
-    ids = [config.llm_index(config.resolve_llm(n)) for n in names]
-    names = [config.llm_names[i] for i in ids]
     encoded, lengths = tokenize_prompts(tokenizer, prompts, config, max_length)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs = [None] * len(prompts)
@@ -96,10 +91,25 @@ def predict_in_batches(config: LenPredConfig, tokenizer, prompts, llms, run_batc
     for start in batches:
         idx = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-        rows = run_batch(batch["input_ids"], batch["attention_mask"], torch.tensor([lengths[i] for i in idx]), ids)
+        rows = run_batch(batch["input_ids"], batch["attention_mask"], torch.tensor([lengths[i] for i in idx]))
         for i, row in zip(idx, zip(*rows)):
             outputs[i] = row
-    probs, mean, std = (torch.stack(t) for t in zip(*outputs))
+    return [torch.stack(t) for t in zip(*outputs)]
+
+
+def predict_in_batches(config: LenPredConfig, tokenizer, prompts, llms, run_batch, batch_size: int = 32,
+                       max_length: int | None = None, progress: bool = False, desc: str = "predict",
+                       quantile: float | None = None) -> LenPredPrediction:
+    """Predictions for every prompt and every LLM in `llms` (names or unique parts of them; None: all) through
+    `run_in_batches`, with `run_batch(input_ids, attention_mask, prompt_length, llm_ids)` → (bin probs, mean,
+    std) of shape (batch, len(llm_ids)[, num_bins]). The bound is the `quantile` (default
+    `config.reservation_quantile`) of one answer's length, calibrated where `config.bound_offsets` has it."""
+    prompts = check_prompts(prompts)
+    names = config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
+    ids = [config.llm_index(config.resolve_llm(n)) for n in names]
+    names = [config.llm_names[i] for i in ids]
+    probs, mean, std = run_in_batches(config, tokenizer, prompts, lambda *batch: run_batch(*batch, ids), batch_size,
+                                      max_length, progress, desc)
     q = config.reservation_quantile if quantile is None else quantile
     bound, calibrated = reservation_bound(config, mean, std, ids, q)
     return LenPredPrediction(names, mean, std, bound, probs, list(config.bin_edges), q, calibrated)

@@ -15,17 +15,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from transformers import (AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, Trainer, TrainingArguments,
                           set_seed)
 
 from configuration_lenpred import LenPredConfig
+from lenpred.adaptation import ADAPT_MODES, adapt, choose_siblings
 from lenpred.calibration import QUANTILES, fit_bound_offsets
-from lenpred.data import PAPER_LLMS, load_castillo, make_splits
+from lenpred.data import PAPER_LLMS, default_dataset_source, load_castillo, make_splits
 from lenpred.examples import group_by_prompt, label_weights
 from lenpred.hub import default_encoder_path, export_model, load_export, weights_sha256
 from lenpred.metrics import classification_scores, regression_scores
@@ -41,7 +43,13 @@ class ModelArguments:
                          metadata={"help": "BERT-family encoder to warm-start from: path or Hub id (default: MiniLM)"})
     init_from: str | None = field(default=None, metadata={
         "aliases": ["--init-from"],
-        "help": "continue from a LenPred export; LLMs new to it get a fresh embedding row (few-shot adaptation)"})
+        "help": "continue from a LenPred export, teaching it the LLMs of --dataset (see --adapt)"})
+    adapt: str = field(default="llm", metadata={
+        "help": "with --init_from: 'llm' (default) learns only the logged LLMs' own embedding rows, the rest frozen, "
+                "so every other LLM's predictions stay bitwise the same (seconds; the right choice for a few hundred "
+                "to a few thousand logged prompts); 'sibling' adds a new LLM as the known LLM that fits its log "
+                "best, with no training; 'full' fine-tunes every weight on the logs beside a replay of the "
+                "original training pool (--replay), for large logs (slow: an epoch over the pool)"})
     heads: str = field(default="both", metadata={"help": "which heads to train: both | classification | regression"})
     bin_size: int = field(default=500, metadata={"help": "tokens per bin of the bin head (50/100/200/500/1000)"})
     encoder_layers: int | None = field(default=None, metadata={
@@ -79,6 +87,9 @@ class DataArguments:
     llm_loss_weights: str | None = field(default="paper=3", metadata={
         "help": "comma-separated LLM=WEIGHT: how much each LLM's labels count in the loss (LLM: an id, or 'paper' "
                 "for those of the three Llamas that are trained; LLMs not named weigh 1; '' = all weigh 1)"})
+    replay: str | None = field(default=None, metadata={
+        "help": "with --adapt full: CASTILLO folder or Hub id whose training pool is replayed beside the logs, so "
+                "the other LLMs keep learning what they knew (default: the shipped copy; 'none': the logs alone)"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "use only this many training prompts"})
     max_eval_prompts: int | None = field(default=None, metadata={"help": "use only this many dev/test prompts"})
     export_dir: str = field(default="outputs/lenpred-minilm", metadata={"help": "where the Hub-ready folder goes"})
@@ -120,23 +131,24 @@ def build_model(margs: ModelArguments, llm_names: list[str], train_rows) -> LenP
     if not 0.0 <= margs.attention_dropout < 1.0:
         raise ValueError(f"--attention_dropout must be in [0, 1), got {margs.attention_dropout}")
     if margs.init_from:
-        old, _ = load_export(margs.init_from)
+        old, tokenizer = load_export(margs.init_from)
         names = list(old.config.llm_names) + [n for n in llm_names if n not in old.config.llm_names]
+        logged = train_rows[train_rows["llm"].isin(names[old.config.num_llms:])]
+        siblings = choose_siblings(old, tokenizer, logged)[0] if len(logged) else {}
         encoder_config = {**old.config.encoder_config, "attention_probs_dropout_prob": margs.attention_dropout}
         config = LenPredConfig(**{**old.config.to_dict(), "llm_names": names, "encoder_config": encoder_config,
                                   "bin_loss_weight": bin_w, "mean_loss_weight": mean_w, "std_loss_weight": std_w,
                                   "reservation_quantile": margs.reservation_quantile,
                                   "bound_offsets": None})  # refitted at the end, for every LLM
         model = LenPredModel(config)
-        state, fresh, n_old = old.state_dict(), model.state_dict(), old.config.num_llms
-        for key in ("llm_embedding.weight",):  # the per-LLM tables grow by the new LLMs
-            if key in state:
-                table = fresh[key].clone()
-                table[:n_old] = state[key]
-                table[n_old:] = table[:n_old].mean(0)  # a new LLM starts as the average known one
-                state[key] = table
+        state, table = old.state_dict(), old.state_dict()["llm_embedding.weight"]
+        # a new LLM's row starts as the known LLM whose predictions fit its log best (the average, without rows)
+        state["llm_embedding.weight"] = torch.cat([table] + [
+            table[old.config.llm_index(siblings[n])][None] if n in siblings else table.mean(0, keepdim=True)
+            for n in names[old.config.num_llms:]])
         model.load_state_dict(state)
-        logger.info("continuing from %s; new LLMs: %s", margs.init_from, names[n_old:] or "none")
+        logger.info("continuing from %s; new LLMs: %s", margs.init_from,
+                    {n: f"starts as {siblings.get(n, 'the average')}" for n in names[old.config.num_llms:]} or "none")
         return model
     model = LenPredModel.from_encoder(
         margs.encoder, num_layers=margs.encoder_layers, attention_dropout=margs.attention_dropout,
@@ -160,7 +172,7 @@ def tokenized(dataset, tokenizer, config: LenPredConfig):
         return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "length": [len(i) for i in ids],
                 "prompt_length": full}
 
-    keep = {"labels_mean", "labels_std", "label_weight"}
+    keep = {"labels_mean", "labels_std", "labels_mean_floor", "label_weight"}
     return dataset.map(encode, batched=True, remove_columns=[c for c in dataset.column_names if c not in keep],
                        desc="tokenizing")
 
@@ -198,14 +210,37 @@ class LenPredTrainer(Trainer):
         return super().create_optimizer(model)
 
 
+def adapt_export(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments, rows) -> dict:
+    """`--adapt llm|sibling`: no Trainer — the logged LLMs' rows fit on prompt vectors encoded once."""
+    model, tokenizer = load_export(margs.init_from)
+    rows = rows[rows["llm"].isin(resolve_llms(dargs.llms, rows))]
+    adapted, report = adapt(model, tokenizer, rows, mode=margs.adapt, seed=targs.seed, progress=True)
+    export = export_model(adapted, tokenizer, dargs.export_dir)
+    info = {"adaptation": asdict(report), "init_from": margs.init_from, "command": " ".join(sys.argv),
+            "seconds": report.seconds}
+    (export / "training_info.json").write_text(json.dumps(info, indent=2))
+    logger.info("exported %s in %.0f s (%s mode; started as: %s; calibration: %s)", export, report.seconds,
+                report.mode, report.siblings or "their own rows", report.calibrated)
+    return info
+
+
 def main(argv=None) -> dict:
     margs, dargs, targs = parse_args(argv)
     logging.basicConfig(level=logging.INFO if targs.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     set_seed(targs.seed)
     started = time.time()
+    if margs.adapt not in ADAPT_MODES:
+        raise ValueError(f"--adapt must be one of {list(ADAPT_MODES)}, got {margs.adapt!r}")
 
     rows = load_castillo(dargs.dataset)
+    if margs.init_from and margs.adapt != "full":
+        return adapt_export(margs, dargs, targs, rows)
+    if margs.init_from and (dargs.replay or "") != "none":
+        replay = load_castillo(dargs.replay or default_dataset_source())
+        known = set(LenPredConfig.from_pretrained(margs.init_from).llm_names)
+        rows = pd.concat([rows, replay[replay["llm"].isin(known)]], ignore_index=True)
+        logger.info("replaying %d rows of the original pool beside the logs", int(replay["llm"].isin(known).sum()))
     llm_names = resolve_llms(dargs.llms, rows)
     splits = make_splits(rows, dev_fraction=dargs.dev_fraction, seed=split_seed(dargs, targs), llms=llm_names)
     logger.info("splits: %s", json.dumps(splits.summary()))

@@ -27,7 +27,8 @@ import torch
 from configuration_lenpred import LenPredConfig
 from prediction_lenpred import lognormal_quantile
 
-__all__ = ["QUANTILES", "MIN_ANSWERS", "conformal_offset", "fit_bound_offsets", "calibrate_export", "main"]
+__all__ = ["QUANTILES", "MIN_ANSWERS", "conformal_offset", "answer_scores", "fit_bound_offsets", "calibrate_export",
+           "main"]
 
 logger = logging.getLogger(__name__)
 #: Quantiles calibrated by default (besides the model's own `reservation_quantile`): the paper's p99 among them.
@@ -43,6 +44,20 @@ def conformal_offset(scores: np.ndarray, q: float) -> float:
         raise ValueError("no held-out answers to calibrate on")
     k = min(math.ceil((len(scores) + 1) * q), len(scores)) - 1
     return float(scores[k])
+
+
+def answer_scores(sizes, capped, mean, std, q: float) -> np.ndarray:
+    """Conformity scores `log1p(length) − log1p(bound)` of every sampled answer, row by row (`sizes`: a list per
+    row; `capped`: per row None or a flag per answer). The log-normal `q`-quantile of the row's predicted `mean`
+    and `std` is the bound. An answer cut short by its `max_tokens` scores +inf: its length is unknown beyond the
+    cap, so it counts as not covered, whatever the bound (conservative)."""
+    counts = [len(s) for s in sizes]
+    bound = np.log1p(lognormal_quantile(torch.as_tensor(mean, dtype=torch.float64),
+                                        torch.as_tensor(std, dtype=torch.float64), q).numpy())
+    scores = np.log1p(np.concatenate([np.asarray(s, float) for s in sizes])) - np.repeat(bound, counts)
+    cut = np.concatenate([np.asarray(c, bool) if isinstance(c, list) else np.zeros(n, bool)
+                          for c, n in zip(capped, counts)])
+    return np.where(cut, np.inf, scores)
 
 
 def _answer_sizes(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -68,26 +83,26 @@ def fit_bound_offsets(model, tokenizer, rows: pd.DataFrame, quantiles=QUANTILES,
     if rows.empty:
         raise ValueError("calibration needs held-out rows with output_sizes (sampled answer lengths)")
     pred = predict_rows(model, tokenizer, rows, progress=progress)
-    sizes = [np.asarray(s, float) for s in pred["output_sizes"]]
-    counts = [len(s) for s in sizes]  # answers per row: each row's bound is compared with each of its answers
-    llm_of_answer = np.repeat(pred["llm"].to_numpy(), counts)
-    log_sizes = np.log1p(np.concatenate(sizes))
-    mean, std = (torch.tensor(pred[c].to_numpy(float)) for c in ("pred_mean", "pred_std"))
+    capped = pred["output_capped"] if "output_capped" in pred.columns else [None] * len(pred)
+    llm_of_answer = np.repeat(pred["llm"].to_numpy(), pred["output_sizes"].map(len).to_numpy())
     names = model.config.llm_names
     offsets = {}
     for q in sorted({float(q) for q in quantiles}):
-        raw = np.log1p(lognormal_quantile(mean, std, q).numpy())
-        scores = log_sizes - np.repeat(raw, counts)
+        scores = answer_scores(pred["output_sizes"], capped, pred["pred_mean"].to_numpy(float),
+                               pred["pred_std"].to_numpy(float), q)
         pooled = conformal_offset(scores, q)
+        if not math.isfinite(pooled):
+            raise ValueError(f"more than {1 - q:.0%} of the held-out answers were cut short by max_tokens: their "
+                             f"{q:g} quantile lies beyond the caps and cannot be calibrated")
         per_llm = []
         for name in names:
             own = scores[llm_of_answer == name]
-            if len(own) < MIN_ANSWERS:
-                logger.info("calibration q=%g: %s has %d held-out answers, takes the pooled offset %.3f",
-                            q, name, len(own), pooled)
-                per_llm.append(pooled)
-            else:
-                per_llm.append(conformal_offset(own, q))
+            offset = conformal_offset(own, q) if len(own) >= MIN_ANSWERS else pooled
+            if len(own) < MIN_ANSWERS or not math.isfinite(offset):
+                logger.info("calibration q=%g: %s has %d held-out answers (%d cut short), takes the pooled offset "
+                            "%.3f", q, name, len(own), int(np.isinf(own).sum()), pooled)
+                offset = pooled
+            per_llm.append(offset)
         offsets[f"{q:g}"] = [round(o, 5) for o in per_llm]
     return offsets
 

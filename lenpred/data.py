@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["CASTILLO_HUB_ID", "PROMPT_SETS", "HELD_OUT_PROMPT_SET", "PAPER_LLMS", "LOCAL_CASTILLO",
-           "COLUMNS", "SPLITS", "Splits", "default_dataset_source", "dataset_name", "load_rows", "validate_rows",
+           "COLUMNS", "COMPLETE_FINISH_REASONS", "SPLITS", "Splits", "default_dataset_source", "dataset_name",
+           "load_rows", "validate_rows",
            "sanitize", "load_castillo", "make_splits", "prompt_table", "mean_std"]
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ PAPER_LLMS = ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instr
               "meta-llama/Llama-3.1-8B-Instruct")
 LOCAL_CASTILLO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "castillo"
 COLUMNS = ("prompt_id", "prompt_text", "llm", "prompt_set", "input_size",
-           "output_sizes", "output_mean", "output_std", "split")
+           "output_sizes", "output_mean", "output_std", "output_capped", "split")
+#: Finish reasons of an answer the LLM ended itself; any other reason ("length": the client's `max_tokens`,
+#: "abort", ...) means the answer was cut short, so its length is only a lower bound of the LLM's own.
+COMPLETE_FINISH_REASONS = ("stop", "tool_calls", "function_call")
 SPLITS = ("train", "validation", "test")
 CUSTOM_PROMPT_SET = "custom"
 
@@ -134,13 +138,57 @@ def _normalise(raw: pd.DataFrame, split: str, origin: str) -> pd.DataFrame:
         else:
             mean[i] = std[i] = np.nan  # never let a broken size list leave a label behind
     mean[good], std[good] = mean_std([sizes[i] for i in good])
+    capped = _capped(raw, sizes)
     pset = [CUSTOM_PROMPT_SET if _is_missing(d) or d == "" else str(d) for d in obj("dataset")]
     return pd.DataFrame({
         "prompt_id": pd.Series(pid, dtype=object), "prompt_text": text.to_numpy(),
         "llm": raw["model"].astype(object).to_numpy(), "prompt_set": pset,
         "input_size": num("input_size"), "output_sizes": pd.Series(sizes, dtype=object),
-        "output_mean": mean, "output_std": std, "split": split,
+        "output_mean": mean, "output_std": std, "output_capped": pd.Series(capped, dtype=object), "split": split,
     }, columns=list(COLUMNS))
+
+
+def _capped(raw: pd.DataFrame, sizes: list) -> list:
+    """Per row, which answers were cut short, aligned with its sizes (None: no answer was, or the file cannot
+    tell). From `finish_reasons` (one per answer, as the gateway logs them) or `finish_reason`; where the reason
+    is unknown, an answer of `max_tokens` tokens or more counts as cut short. A fault is kept as a marker string
+    for `validate_rows` to count: reasons that do not match the sizes, or a cut-short answer in a row that logs
+    only a mean (its length cannot be told)."""
+    n = len(raw)
+    if not {"finish_reasons", "finish_reason", "max_tokens"} & set(raw.columns):
+        return [None] * n
+    if "finish_reasons" in raw.columns:
+        reasons = [_as_sizes(r) for r in raw["finish_reasons"].astype(object)]
+    elif "finish_reason" in raw.columns:
+        reasons = [None if _is_missing(r) else [r] for r in raw["finish_reason"].astype(object)]
+    else:
+        reasons = [None] * n
+    caps = (pd.to_numeric(raw["max_tokens"], errors="coerce").to_numpy(float) if "max_tokens" in raw.columns
+            else np.full(n, np.nan))
+    out = []
+    for sz, why, cap in zip(sizes, reasons, caps):
+        answers = len(sz) if isinstance(sz, list) else (len(why) if why else 0)
+        if why is not None and len(why) != answers:
+            out.append("<finish_reasons_mismatch>")
+            continue
+        why = why or [None] * answers
+        cut = [r not in COMPLETE_FINISH_REASONS if isinstance(r, str)
+               else bool(isinstance(sz, list) and np.isfinite(cap) and _number(sz[i]) >= cap)
+               for i, r in enumerate(why)]
+        if not any(cut):
+            out.append(None)
+        elif not isinstance(sz, list):
+            out.append("<capped_without_sizes>")
+        else:
+            out.append(cut)
+    return out
+
+
+def _number(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _read_user_file(path: Path) -> pd.DataFrame:
@@ -242,12 +290,14 @@ def load_rows(source: str | Path | Sequence[str | Path] | None = None,
     return out
 
 
-def _row_fault(text, llm, sizes, mean, std) -> str | None:
+def _row_fault(text, llm, sizes, mean, std, capped=None) -> str | None:
     """First reason a normalised row cannot be a label, else None."""
     if not isinstance(text, str) or not text.strip():
         return "missing_prompt_text"
     if not isinstance(llm, str) or not llm.strip():
         return "missing_llm"
+    if isinstance(capped, str):  # a marker left by `_capped`
+        return capped.strip("<>")
     fault = _sizes_fault(sizes) if sizes is not None else None
     return fault or ("missing_output" if not math.isfinite(mean) else
                      "negative_output_mean" if mean < 0 else
@@ -256,10 +306,11 @@ def _row_fault(text, llm, sizes, mean, std) -> str | None:
 
 def validate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Drop rows that cannot give a trustworthy label; return kept rows and counts by reason."""
-    faults = [_row_fault(t, m, s, u, d) for t, m, s, u, d in zip(
+    capped = df["output_capped"] if "output_capped" in df.columns else [None] * len(df)
+    faults = [_row_fault(t, m, s, u, d, c) for t, m, s, u, d, c in zip(
         df["prompt_text"], df["llm"], df["output_sizes"],
         pd.to_numeric(df["output_mean"], errors="coerce").to_numpy(float),
-        pd.to_numeric(df["output_std"], errors="coerce").to_numpy(float))]
+        pd.to_numeric(df["output_std"], errors="coerce").to_numpy(float), capped)]
     counts = {str(k): int(v) for k, v in pd.Series(faults, dtype=object).dropna().value_counts().items()}
     keep = np.array([f is None for f in faults], dtype=bool)
     out = df.loc[keep].reset_index(drop=True)
@@ -274,6 +325,7 @@ def sanitize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Apply upstream's degeneration rule so capped run-away generations do not skew labels."""
     df = df.copy()
     sizes_col = df["output_sizes"].tolist()
+    capped_col = df["output_capped"].tolist() if "output_capped" in df.columns else [None] * len(df)
     means, stds = df["output_mean"].to_numpy(float).copy(), df["output_std"].to_numpy(float).copy()
     changed, remove = 0, np.zeros(len(df), dtype=bool)
     for i, s in enumerate(sizes_col):
@@ -281,17 +333,20 @@ def sanitize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
             continue  # fast path: nothing above either threshold
         arr = np.asarray(s, dtype=float)
         if arr.std() > 2 * arr.mean():
-            kept = [v for v in s if v <= _HIGH_VAR_SIZE]
+            keep = arr <= _HIGH_VAR_SIZE
         elif arr.max() >= _CAP_SIZE:
-            kept = [v for v in s if v < _CAP_SIZE]
+            keep = arr < _CAP_SIZE
         else:
             continue
         changed += 1
-        remove[i] = not kept
-        if kept:
-            sizes_col[i] = kept
-            (means[i],), (stds[i],) = mean_std([kept])
+        remove[i] = not keep.any()
+        if keep.any():
+            sizes_col[i] = [v for v, k in zip(s, keep) if k]
+            if isinstance(capped_col[i], list):  # the cut-short flags follow their answers
+                capped_col[i] = [c for c, k in zip(capped_col[i], keep) if k]
+            (means[i],), (stds[i],) = mean_std([sizes_col[i]])
     df["output_sizes"] = pd.Series(sizes_col, index=df.index, dtype=object)
+    df["output_capped"] = pd.Series(capped_col, index=df.index, dtype=object)
     df["output_mean"], df["output_std"] = means, stds
     out = df.loc[~remove].reset_index(drop=True)
     counts = {"rows_changed": int(changed - remove.sum()), "rows_removed": int(remove.sum())}

@@ -32,6 +32,9 @@ def _pool_duplicates(rows: pd.DataFrame) -> pd.DataFrame:
             allsizes = [v for s in grp["output_sizes"] for v in s]
             (m,), (sd,) = mean_std([allsizes])
             first["output_sizes"], first["output_mean"], first["output_std"] = allsizes, m, sd
+            flags = [c if isinstance(c, list) else [False] * len(s)
+                     for s, c in zip(grp["output_sizes"], grp.get("output_capped", [None] * len(grp)))]
+            first["output_capped"] = [f for c in flags for f in c] if any(map(any, flags)) else None
         else:  # some rows only know a mean: average the means, spread unknown
             first["output_sizes"], first["output_mean"] = None, grp["output_mean"].mean()
             first["output_std"] = np.nan
@@ -52,16 +55,27 @@ def group_by_prompt(rows: pd.DataFrame, llm_names: Sequence[str]):
         logger.info("group_by_prompt: ignored %d row(s) of %d LLM(s) not in llm_names",
                     int((~keep).sum()), rows.loc[~keep, "llm"].nunique())
     sub = _pool_duplicates(rows[keep])
+    capped = (sub["output_capped"].map(lambda c: isinstance(c, list) and any(c)).to_numpy(bool)
+              if "output_capped" in sub.columns else np.zeros(len(sub), bool))
+    if capped.any():  # a cut-short answer only bounds the mean from below: the mean and std labels go, a floor stays
+        sub = sub.assign(output_mean_floor=np.where(capped, sub["output_mean"], np.nan),
+                         output_mean=np.where(capped, np.nan, sub["output_mean"]),
+                         output_std=np.where(capped, np.nan, sub["output_std"]))
+        logger.info("group_by_prompt: %d ⟨prompt, LLM⟩ label(s) of %d hold an answer cut short by max_tokens: "
+                    "learnt as lower bounds", int(capped.sum()), len(sub))
+    single = int((sub["output_sizes"].map(lambda s: isinstance(s, list) and len(s) == 1) & ~capped).sum())
+    if single:
+        logger.info("group_by_prompt: %d label(s) hold a single answer length: no std label there", single)
     table = prompt_table(sub)
     out = {c: table[c].tolist() for c in ("prompt_id", "prompt_text", "prompt_set")}
-    for col in ("mean", "std"):
+    columns = ("mean", "std", "mean_floor") if capped.any() else ("mean", "std")
+    for col in columns:
         wide = sub.pivot(index="prompt_id", columns="llm", values=f"output_{col}")
         wide = wide.reindex(index=table["prompt_id"], columns=llm_names)
         out[f"labels_{col}"] = wide.to_numpy(float).tolist()
     text, vec = datasets.Value("string"), datasets.List(datasets.Value("float64"))
     return datasets.Dataset.from_dict(out, features=datasets.Features(
-        {"prompt_id": text, "prompt_text": text, "prompt_set": text,
-         "labels_mean": vec, "labels_std": vec}))
+        {"prompt_id": text, "prompt_text": text, "prompt_set": text, **{f"labels_{c}": vec for c in columns}}))
 
 
 def llm_loss_weights(spec: str | None, names: list[str]) -> np.ndarray | None:

@@ -1,0 +1,276 @@
+"""Leave-LLMs-out benchmark of learning a new LLM from its logs (`train.py --init-from EXPORT --adapt ...`).
+
+A model trained without the held-out LLMs (`--held-out-model`) learns each of them from N of its CASTILLO training
+prompts with ONE sampled answer each — what a gateway log holds — and is scored on that LLM's test prompts (MAE of
+the mean, acc@500 by the bin of the predicted mean, Kendall τ-b within prompt set, coverage of the calibrated 0.9
+bound) against: sibling transfer (the known LLM that fits the same N answers best, unchanged), kNN over frozen
+MiniLM embeddings fitted on the N answers, and the model trained with the LLM from the start (`--full-model`).
+Each N is drawn with several log seeds (mean ± std). The other LLMs are scored before and after: `--adapt llm` must
+leave them bitwise unchanged (checked); `--adapt full` (at `--full-n`, one log seed) is a real fine-tune.
+A second table teaches the LLM from a log whose answers were cut at `--cap` tokens (finish reason "length"): as
+if they were lengths, left out, or as lower bounds (the default).
+
+    # the held-out model: the main job's recipe without the two LLMs (one training, ~ the main job's time)
+    python train.py --llms "$(python benchmarks/adapt_new_llm.py --print-llms)" \\
+        --output_dir runs/held-out --export_dir outputs/lenpred-held-out
+    python benchmarks/adapt_new_llm.py --held-out-model outputs/lenpred-held-out --full-model outputs/lenpred-minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lenpred.adaptation import adapt  # noqa: E402
+from lenpred.baselines import KnnBaseline, cached_embeddings  # noqa: E402
+from lenpred.data import HELD_OUT_PROMPT_SET, load_castillo, make_splits  # noqa: E402
+from lenpred.hub import load_export  # noqa: E402
+from lenpred.inference import predict_rows  # noqa: E402
+from lenpred.report import md_table, score_method  # noqa: E402
+
+HELD_OUT = ("meta-llama/Llama-3.2-3B-Instruct", "google/gemma-3-4b-it")
+
+
+def scores(rows: pd.DataFrame, method: str = "pred") -> dict:
+    s = score_method(rows, method, bin_sizes=(500,))
+    return {"mae": s["regression"]["mae_mean"], "acc500": 100 * s["classification"]["500"]["accuracy_mean_bin"],
+            "tau": s["kendall_tau_b"], "coverage": None if s["bound_coverage"] is None else 100 * s["bound_coverage"]}
+
+
+def make_log(pool: pd.DataFrame, n: int, seed: int, cap: int | None = None) -> pd.DataFrame:
+    """`n` prompts of `pool` (one LLM's training rows) with one of their sampled answers each, as a gateway logs
+    them; with `cap`, answers longer than it are cut there and marked as cut short."""
+    if n > len(pool):
+        raise SystemExit(f"--n {n}: the LLM has only {len(pool)} training prompts")
+    rng = np.random.default_rng(seed)
+    picked = pool.iloc[rng.choice(len(pool), size=n, replace=False)].reset_index(drop=True)
+    sizes = [int(rng.choice(s)) for s in picked["output_sizes"]]
+    capped = [None] * n if cap is None else [[True] if s > cap else None for s in sizes]
+    sizes = sizes if cap is None else [min(s, cap) for s in sizes]
+    return picked.assign(output_sizes=[[s] for s in sizes], output_mean=[float(s) for s in sizes],
+                         output_std=np.nan, output_capped=capped, prompt_set="custom")
+
+
+def predict(model, tokenizer, rows: pd.DataFrame) -> pd.DataFrame:
+    return predict_rows(model, tokenizer, rows, progress=False)
+
+
+def knn_rows(log: pd.DataFrame, rows: pd.DataFrame, cache_dir) -> pd.DataFrame:
+    """kNN (k=16, frozen MiniLM) fitted on the log's answers; the log holds no spread, so no bound."""
+    texts = list(dict.fromkeys([*log["prompt_text"], *rows["prompt_text"]]))
+    emb = dict(zip(texts, cached_embeddings(texts, cache_dir=cache_dir, show_progress=False)))
+    knn = KnnBaseline().fit(log.assign(prompt_id=log["prompt_text"]), emb)
+    mean, _ = knn.predict(list(rows["llm"]), list(rows["prompt_text"]))
+    return rows.assign(pred_mean=mean)
+
+
+def full_finetune(held_out_model: str, log: pd.DataFrame, epochs: float, lr: float, workdir: Path) -> Path:
+    """`train.py --adapt full` on the log beside the replayed pool; returns the export."""
+    path = workdir / "log.jsonl"
+    records = [{"prompt_text": t, "model": m, "output_sizes": s} for t, m, s in
+               zip(log["prompt_text"], log["llm"], log["output_sizes"])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    export = workdir / "export"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--init-from", held_out_model, "--dataset", str(path),
+           "--adapt", "full", "--num_train_epochs", str(epochs), "--learning_rate", str(lr),
+           "--head_learning_rate", str(10 * lr), "--output_dir", str(workdir / "run"),
+           "--export_dir", str(export), "--save_strategy", "no", "--eval_strategy", "no"]
+    print("  $", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return export
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def fmt_tau(values) -> str:
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values):.3f}" if len(values) > 1 else "")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--held-out-model", help="export trained without the --llms (see above)")
+    ap.add_argument("--full-model", help="export trained with them from the start (the main job's)")
+    ap.add_argument("--llms", default=",".join(HELD_OUT), help="the held-out LLMs, comma-separated")
+    ap.add_argument("--print-llms", action="store_true", help="print the LLMs to train the held-out model on, exit")
+    ap.add_argument("--dataset", help="CASTILLO folder or Hub id (default: the shipped copy)")
+    ap.add_argument("--split", choices=("test", "dev"), default="test",
+                    help="score on the test split (reporting) or the dev split (choosing a method)")
+    ap.add_argument("--n", default="50,200,1000", help="logged prompts per held-out LLM")
+    ap.add_argument("--log-seeds", default="0,1,2", help="seeds drawing the logged prompts and answers")
+    ap.add_argument("--full-n", type=int, default=1000, help="N at which --adapt full also runs (0: never)")
+    ap.add_argument("--full-epochs", type=float, default=1.0, help="epochs of --adapt full over logs + replay")
+    ap.add_argument("--full-lr", type=float, default=2e-5,
+                    help="encoder learning rate of --adapt full (the heads' is 10x): a fifth of training's, so one "
+                         "epoch refines the model rather than retraining it")
+    ap.add_argument("--cap", type=int, default=300, help="max_tokens of the cut-short log (N = 200)")
+    ap.add_argument("--cache-dir", help="kNN embedding cache (default ~/.cache/lenpred)")
+    ap.add_argument("--out", default=str(ROOT / "reports" / "adaptation"), help="folder for results.json / .md")
+    args = ap.parse_args(argv)
+    rows = load_castillo(args.dataset)
+    held_out = [s.strip() for s in args.llms.split(",") if s.strip()]
+    missing = sorted(set(held_out) - set(rows["llm"]))
+    if missing:
+        raise SystemExit(f"--llms names LLMs absent from the data: {missing}")
+    if args.print_llms:
+        print(",".join(n for n in sorted(rows["llm"].unique()) if n not in held_out))
+        return {}
+    if not (args.held_out_model and args.full_model):
+        ap.error("--held-out-model and --full-model are required (see --help for how to train the first)")
+    base, tokenizer = load_export(args.held_out_model)
+    full, _ = load_export(args.full_model)
+    if set(held_out) & set(base.config.llm_names) or set(held_out) - set(full.config.llm_names):
+        raise SystemExit("--held-out-model must not know the --llms, and --full-model must know them all")
+    sizes, seeds = [int(n) for n in args.n.split(",")], [int(s) for s in args.log_seeds.split(",")]
+    splits = make_splits(rows, seed=42)  # train.py's default dev split: logs come from the training prompts
+    evaluated = splits.test if args.split == "test" else splits.dev
+    evaluated = evaluated[evaluated["prompt_set"] != HELD_OUT_PROMPT_SET]  # in distribution
+    known = list(base.config.llm_names)
+    others_before = predict(base, tokenizer, evaluated[evaluated["llm"].isin(known)])
+    result = {"split": args.split, "held_out_model": args.held_out_model, "full_model": args.full_model,
+              "others_before": {m: scores(others_before[others_before["llm"] == m]) for m in known}, "llms": {}}
+    workdir = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
+    for llm in held_out:
+        print(f"== {llm}", flush=True)
+        pool, target = splits.train[splits.train["llm"] == llm], evaluated[evaluated["llm"] == llm]
+        res = {"with_it_from_start": scores(predict(full, tokenizer, target)), "runs": [], "capped": []}
+        for n in sizes:
+            for seed in seeds:
+                log = make_log(pool, n, seed)
+                run = {"n": n, "seed": seed}
+                sibling, rep = adapt(base, tokenizer, log, mode="sibling")
+                run["sibling"], run["sibling_name"] = scores(predict(sibling, tokenizer, target)), rep.siblings[llm]
+                run["knn"] = scores(knn_rows(log, target, args.cache_dir))
+                began = time.time()
+                adapted, rep = adapt(base, tokenizer, log)
+                run["seconds"], run["prior"] = round(time.time() - began, 1), rep.prior
+                run["llm"] = scores(predict(adapted, tokenizer, target))
+                after = predict(adapted, tokenizer, others_before[known_cols(others_before)])
+                run["others_bitwise_unchanged"] = all(
+                    np.array_equal(np.stack(after[c]), np.stack(others_before[c]))
+                    for c in ("pred_mean", "pred_std", "pred_bound", "pred_bin_probs"))
+                if n == args.full_n and seed == seeds[0]:
+                    tuned, _ = load_export(full_finetune(args.held_out_model, log, args.full_epochs, args.full_lr,
+                                                         workdir / f"{llm.replace('/', '--')}-{n}"))
+                    run["full"] = scores(predict(tuned, tokenizer, target))
+                    tuned_others = predict(tuned, tokenizer, evaluated[evaluated["llm"].isin(known)])
+                    run["others_after_full"] = {m: scores(tuned_others[tuned_others["llm"] == m]) for m in known}
+                res["runs"].append(run)
+                print(f"  N={n} seed={seed}: sibling {run['sibling_name']} MAE {run['sibling']['mae']:.1f} "
+                      f"tau {run['sibling']['tau']:.3f} | llm MAE {run['llm']['mae']:.1f} tau {run['llm']['tau']:.3f}"
+                      f" ({run['seconds']} s) | kNN MAE {run['knn']['mae']:.1f}", flush=True)
+        for seed in seeds:  # the cut-short log: three ways to read it
+            log = make_log(pool, 200, seed, cap=args.cap)
+            cut = log["output_capped"].map(bool)
+            ways = {"as lengths": log.assign(output_capped=None), "left out": log[~cut],
+                    "lower bounds": log}
+            res["capped"].append({"seed": seed, "cut_share": float(cut.mean()), **{
+                way: scores(predict(adapt(base, tokenizer, frame)[0], tokenizer, target)) for way, frame in ways.items()}})
+        result["llms"][llm] = res
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"results-{args.split}.json").write_text(json.dumps(result, indent=2))
+    (out / f"results-{args.split}.md").write_text(render(result, args))
+    print(f"wrote {out}/results-{args.split}.json and .md")
+    return result
+
+
+def table_md(header, rows) -> str:
+    return md_table(header, [[str(c) for c in r] for r in rows])
+
+
+def known_cols(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if not c.startswith("pred_")]
+
+
+def render(result: dict, args) -> str:
+    """The markdown tables, the bar's checks computed from the figures."""
+    lines = [f"# Learning a new LLM from its logs ({result['split']} split, in distribution)", "",
+             f"`python benchmarks/adapt_new_llm.py --held-out-model {args.held_out_model} --full-model "
+             f"{args.full_model} --split {args.split}`; N logged prompts with one sampled answer each; mean ± std "
+             f"over log seeds {args.log_seeds}. MAE in tokens, acc@500 and bound coverage (calibrated 0.9 bound) in "
+             "%, τ = Kendall τ-b within prompt set.", ""]
+    for llm, res in result["llms"].items():
+        lines += [f"## {llm}", ""]
+        table = []
+        for n in sorted({r["n"] for r in res["runs"]}):
+            runs = [r for r in res["runs"] if r["n"] == n]
+            for method, label in (("sibling", "sibling transfer"), ("knn", "kNN on the log"),
+                                  ("llm", "--adapt llm (default)"), ("full", "--adapt full")):
+                got = [r[method] for r in runs if method in r]
+                if got:
+                    table.append([n, label, mean_std([g["mae"] for g in got]), mean_std([g["acc500"] for g in got]),
+                                  fmt_tau([g["tau"] for g in got]), mean_std([g["coverage"] for g in got])])
+        w = res["with_it_from_start"]
+        table.append(["all", "trained with it from the start", f"{w['mae']:.1f}", f"{w['acc500']:.1f}",
+                      f"{w['tau']:.3f}", mean_std([w["coverage"]])])
+        lines += [table_md(["N", "method", "MAE", "acc@500", "τ", "bound coverage"], table), ""]
+        siblings = sorted({r["sibling_name"] for r in res["runs"]})
+        secs = [r["seconds"] for r in res["runs"] if r["n"] == 200]
+        lines += [f"Siblings chosen: {', '.join(siblings)}. `--adapt llm` on 200 prompts: {mean_std(secs)} s "
+                  "(encoding, 5-fold choice of the prior, fit, calibration). Other LLMs bitwise unchanged by "
+                  f"`--adapt llm` in every run: {all(r['others_bitwise_unchanged'] for r in res['runs'])}.", ""]
+        lines += [f"Cut-short log (N = 200, max_tokens {args.cap}: "
+                  f"{100 * np.mean([c['cut_share'] for c in res['capped']]):.0f} % of answers cut):", ""]
+        lines += [table_md(["answers cut short, read", "MAE", "τ"], [
+            [way, mean_std([c[way]["mae"] for c in res["capped"]]), fmt_tau([c[way]["tau"] for c in res["capped"]])]
+            for way in ("as lengths", "left out", "lower bounds")]), ""]
+    lines += ["## The other LLMs", ""]
+    full_runs = [(llm, r) for llm, res in result["llms"].items() for r in res["runs"] if "others_after_full" in r]
+    header = ["LLM", "MAE before", "τ before"] + [f"after --adapt full ({llm.split('/')[-1]})" for llm, _ in full_runs]
+    rows = []
+    for m, before in result["others_before"].items():
+        rows.append([m, f"{before['mae']:.1f}", f"{before['tau']:.3f}"] + [
+            f"MAE {r['others_after_full'][m]['mae']:.1f} ({100 * (r['others_after_full'][m]['mae'] / before['mae'] - 1):+.1f} %), "
+            f"τ {r['others_after_full'][m]['tau']:.3f} ({r['others_after_full'][m]['tau'] - before['tau']:+.3f})"
+            for _, r in full_runs])
+    lines += [table_md(header, rows), ""] + bar_checks(result)
+    return "\n".join(lines) + "\n"
+
+
+def bar_checks(result: dict) -> list[str]:
+    lines = ["## Checks", ""]
+    for llm, res in result["llms"].items():
+        def avg(n, method, key):
+            got = [r[method][key] for r in res["runs"] if r["n"] == n and method in r]
+            return float(np.mean(got)) if got else None
+        if avg(200, "llm", "mae") is not None:
+            mae, tau = avg(200, "llm", "mae"), avg(200, "llm", "tau")
+            smae, stau = avg(200, "sibling", "mae"), avg(200, "sibling", "tau")
+            lines.append(f"- {llm}, N = 200: MAE {mae:.1f} vs 0.92 × sibling {0.92 * smae:.1f} "
+                         f"({'met' if mae <= 0.92 * smae else 'missed'}); τ {tau:.3f} vs sibling + 0.03 = "
+                         f"{stau + 0.03:.3f} ({'met' if tau >= stau + 0.03 else 'missed'})")
+        if avg(1000, "llm", "mae") is not None:
+            w = res["with_it_from_start"]
+            mae, tau = avg(1000, "llm", "mae"), avg(1000, "llm", "tau")
+            lines.append(f"- {llm}, N = 1,000: MAE {mae:.1f} vs 1.05 × {w['mae']:.1f} = {1.05 * w['mae']:.1f} "
+                         f"({'met' if mae <= 1.05 * w['mae'] else 'missed'}); τ {tau:.3f} vs 0.95 × {w['tau']:.3f} "
+                         f"= {0.95 * w['tau']:.3f} ({'met' if tau >= 0.95 * w['tau'] else 'missed'})")
+        for r in res["runs"]:
+            if "others_after_full" in r:
+                worst_mae = max(abs(a["mae"] / result["others_before"][m]["mae"] - 1)
+                                for m, a in r["others_after_full"].items())
+                worst_tau = max(abs(a["tau"] - result["others_before"][m]["tau"])
+                                for m, a in r["others_after_full"].items())
+                lines.append(f"- after `--adapt full` with {llm}: the other LLMs' MAE moved at most "
+                             f"{100 * worst_mae:.1f} % (bar 1 %), τ at most {worst_tau:.3f} (bar 0.005)")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
