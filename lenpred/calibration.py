@@ -52,8 +52,8 @@ def answer_scores(sizes, capped, mean, std, q: float) -> np.ndarray:
     and `std` is the bound. An answer cut short by its `max_tokens` scores +inf: its length is unknown beyond the
     cap, so it counts as not covered, whatever the bound (conservative)."""
     counts = [len(s) for s in sizes]
-    bound = np.log1p(lognormal_quantile(torch.as_tensor(mean, dtype=torch.float64),
-                                        torch.as_tensor(std, dtype=torch.float64), q).numpy())
+    bound = np.log1p(lognormal_quantile(torch.tensor(np.asarray(mean, float)), torch.tensor(np.asarray(std, float)),
+                                        q).numpy())
     scores = np.log1p(np.concatenate([np.asarray(s, float) for s in sizes])) - np.repeat(bound, counts)
     cut = np.concatenate([np.asarray(c, bool) if isinstance(c, list) else np.zeros(n, bool)
                           for c, n in zip(capped, counts)])

@@ -1,6 +1,6 @@
 """Turn per-request records into per-run metrics, a summary over seeds, repeatability figures and the bar's checks.
 
-Why pure functions over frames: the summary's numbers are the issue's bar, so they must come from the data by code
+Why pure functions over frames: the summary's numbers are the serving targets, so they must come from the data by code
 that tests can check with made-up records, never from hand-written text. The aggregation over seeds (mean, std,
 cut vs FCFS paired by load and seed, share of the oracle's cut) is `lenpred.scheduling.summarize`, the simulator's
 own, so "cut" means the same thing for the simulator and the real engine.
@@ -97,7 +97,7 @@ def _get(summary: pd.DataFrame, policy: str, load: float, col: str) -> float:
 
 def bar_checks(summary: pd.DataFrame, high_load: float, quality: dict | None = None,
                sim_vs_real: pd.DataFrame | None = None, lost: dict | None = None) -> list[dict]:
-    """The issue's bar, each as {check, value, target, met} computed from the data (met is None when a part
+    """The serving targets, each as {check, value, target, met} computed from the data (met is None when a part
     could not be measured). ``quality``: {"tau_adapted", "tau_zero_shot"}; ``sim_vs_real``: rows of policy,
     load, real_cut_pct, sim_cut_pct; ``lost``: {"runs", "runs_ok"}."""
     out = []

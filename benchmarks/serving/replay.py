@@ -31,7 +31,7 @@ __all__ = ["build_parser", "main", "closed_loop_quality"]
 
 SIZING = """
 Defaults are sized for 2 CPU cores (about an hour): 40 requests a run, max_tokens 192, prompts of at most 128
-chat tokens, seeds 0 1, load 0.9 and a backlog. The issue's full grid (3 seeds, loads 0.7 0.9 inf, 100 requests)
+chat tokens, seeds 0 1, load 0.9 and a backlog. The full grid (3 seeds, loads 0.7 0.9 inf, 100 requests)
 is `--seeds 0 1 2 --loads 0.7 0.9 inf --requests 100 --holdout 100 --adapt-prompts 200`: about 5 h on 2 cores,
 minutes on a GPU server. The replay prints the grid's expected duration once it has measured the capacity.
 """
