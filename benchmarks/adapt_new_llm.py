@@ -66,11 +66,10 @@ def predict(model, tokenizer, rows: pd.DataFrame) -> pd.DataFrame:
     return predict_rows(model, tokenizer, rows, progress=False)
 
 
-def knn_rows(log: pd.DataFrame, rows: pd.DataFrame, cache_dir) -> pd.DataFrame:
-    """kNN (k=16, frozen MiniLM) fitted on the log's answers; the log holds no spread, so no bound."""
-    texts = list(dict.fromkeys([*log["prompt_text"], *rows["prompt_text"]]))
-    emb = dict(zip(texts, cached_embeddings(texts, cache_dir=cache_dir, show_progress=False)))
-    knn = KnnBaseline().fit(log.assign(prompt_id=log["prompt_text"]), emb)
+def knn_rows(log: pd.DataFrame, rows: pd.DataFrame, embeddings: dict) -> pd.DataFrame:
+    """kNN (k=16, frozen MiniLM; `embeddings`: prompt text -> vector) fitted on the log's answers; the log holds no
+    spread, so no bound."""
+    knn = KnnBaseline().fit(log.assign(prompt_id=log["prompt_text"]), embeddings)
     mean, _ = knn.predict(list(rows["llm"]), list(rows["prompt_text"]))
     return rows.assign(pred_mean=mean)
 
@@ -137,25 +136,32 @@ def main(argv=None) -> dict:
     if set(held_out) & set(base.config.llm_names) or set(held_out) - set(full.config.llm_names):
         raise SystemExit("--held-out-model must not know the --llms, and --full-model must know them all")
     sizes, seeds = [int(n) for n in args.n.split(",")], [int(s) for s in args.log_seeds.split(",")]
-    splits = make_splits(rows, seed=42)  # train.py's default dev split: logs come from the training prompts
-    evaluated = splits.test if args.split == "test" else splits.dev
-    evaluated = evaluated[evaluated["prompt_set"] != HELD_OUT_PROMPT_SET]  # in distribution
     known = list(base.config.llm_names)
+    # the held-out model's own dev split (train.py, seed 42): the held-out LLMs' dev prompts are those, their
+    # training prompts (what the logs are drawn from) the rest of the pool
+    dev_ids = set(make_splits(rows, seed=42, llms=known).dev["prompt_id"])
+    splits = make_splits(rows, seed=42)
+    pool_rows = pd.concat([splits.train, splits.dev], ignore_index=True)
+    train_rows = pool_rows[~pool_rows["prompt_id"].isin(dev_ids)]
+    evaluated = splits.test if args.split == "test" else pool_rows[pool_rows["prompt_id"].isin(dev_ids)]
+    evaluated = evaluated[evaluated["prompt_set"] != HELD_OUT_PROMPT_SET]  # in distribution
     others_before = predict(base, tokenizer, evaluated[evaluated["llm"].isin(known)])
     result = {"split": args.split, "held_out_model": args.held_out_model, "full_model": args.full_model,
               "others_before": {m: scores(others_before[others_before["llm"] == m]) for m in known}, "llms": {}}
     workdir = Path(tempfile.mkdtemp(prefix="adapt-bench-"))
     for llm in held_out:
         print(f"== {llm}", flush=True)
-        pool, target = splits.train[splits.train["llm"] == llm], evaluated[evaluated["llm"] == llm]
+        pool, target = train_rows[train_rows["llm"] == llm], evaluated[evaluated["llm"] == llm]
         res = {"with_it_from_start": scores(predict(full, tokenizer, target)), "runs": [], "capped": []}
+        texts = list(dict.fromkeys([*pool["prompt_text"], *target["prompt_text"]]))
+        embeddings = dict(zip(texts, cached_embeddings(texts, cache_dir=args.cache_dir)))
         for n in sizes:
             for seed in seeds:
                 log = make_log(pool, n, seed)
                 run = {"n": n, "seed": seed}
                 sibling, rep = adapt(base, tokenizer, log, mode="sibling")
                 run["sibling"], run["sibling_name"] = scores(predict(sibling, tokenizer, target)), rep.siblings[llm]
-                run["knn"] = scores(knn_rows(log, target, args.cache_dir))
+                run["knn"] = scores(knn_rows(log, target, embeddings))
                 began = time.time()
                 adapted, rep = adapt(base, tokenizer, log)
                 run["seconds"], run["prior"] = round(time.time() - began, 1), rep.prior

@@ -134,16 +134,14 @@ def _encode(model, tokenizer, rows: pd.DataFrame, progress: bool = False):
 def extend_llms(model, start_rows: dict[str, str]):
     """A copy of `model` that also knows the LLMs of `start_rows` (new LLM -> known LLM it starts as): their
     embedding rows and bound offsets are copies of the known ones'. Every existing weight is copied unchanged."""
-    from configuration_lenpred import LenPredConfig
-
     config = model.config
     new = [n for n in start_rows if n not in config.llm_names]
     if not new:
         return copy.deepcopy(model)
     source = [config.llm_index(start_rows[n]) for n in new]
     offsets = {q: list(v) + [v[i] for i in source] for q, v in (config.bound_offsets or {}).items()}
-    extended = type(model)(LenPredConfig(**{**config.to_dict(), "llm_names": list(config.llm_names) + new,
-                                            "bound_offsets": offsets or None}))
+    extended = type(model)(type(config)(**{**config.to_dict(), "llm_names": list(config.llm_names) + new,
+                                             "bound_offsets": offsets or None}))
     state = model.state_dict()
     table = state["llm_embedding.weight"]
     state["llm_embedding.weight"] = torch.cat([table, table[source].clone()])
