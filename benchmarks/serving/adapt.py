@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.serving.stack import REPO, repo_path
 from lenpred.metrics import classification_scores, kendall_within_sets, regression_scores
 
 __all__ = ["train_flags", "adapt_command", "run_adaptation", "quality_table", "zero_shot_choice"]
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @lru_cache(maxsize=None)
@@ -58,7 +59,8 @@ def run_adaptation(mode: str, base: str, log: str, out_dir: Path, python: str = 
     export = out_dir / f"export-{mode}"
     cmd, how = adapt_command(mode, base, log, str(export), str(out_dir / f"run-{mode}"), train_flags(python),
                              python, extra)
-    info = dict(mode=mode, how=how, command=None if cmd is None else " ".join(cmd), seconds=None, export=None,
+    info = dict(mode=mode, how=how, command=None if cmd is None else shlex.join([repo_path(cmd[0]), *cmd[1:]]),
+                seconds=None, export=None,
                 rc=None)
     if cmd is None:
         return info

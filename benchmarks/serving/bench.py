@@ -205,7 +205,7 @@ class Bench:
             for policy, mode in c.adapt_modes.items():
                 if policy not in c.policies:
                     continue
-                work = Path(c.work or REPO / ".cache" / "serving" / "work" / self.out.name)
+                work = Path(c.work or Path(".cache") / "serving" / "work" / self.out.name)
                 info = run_adaptation(mode, c.base_export, str(log), work, extra=c.adapt_args)
                 if (work / f"adapt-{mode}.log").exists():
                     shutil.copy2(work / f"adapt-{mode}.log", self.out / "logs" / f"adapt-{mode}.log")

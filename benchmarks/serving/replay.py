@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -24,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.serving` impo
 
 import pandas as pd  # noqa: E402
 
-from benchmarks.serving.stack import REPO, SERVED_NAME  # noqa: E402
+from benchmarks.serving.stack import REPO, SERVED_NAME, repo_path  # noqa: E402
 from benchmarks.serving.workload import POLICIES  # noqa: E402
 
 __all__ = ["build_parser", "main", "closed_loop_quality"]
@@ -114,13 +115,11 @@ def closed_loop_quality(out: Path, meta: dict) -> pd.DataFrame | None:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    for key in ("out", "model", "model_dir", "vllm_python", "dataset"):  # the servers run from the repository root
+        if getattr(a, key) and (key == "out" or Path(getattr(a, key)).exists()):
+            setattr(a, key, repo_path(getattr(a, key)))
+    os.chdir(REPO)
     out = Path(a.out)
-    if not out.is_absolute():
-        out = Path.cwd() / out
-    a.out = str(out)
-    for key in ("model", "model_dir", "vllm_python"):  # the servers run from the repository root
-        if Path(getattr(a, key)).exists():  # absolute, not resolved: a venv's python is a symlink to the base one
-            setattr(a, key, str(Path(getattr(a, key)).absolute()))
     if not a.report_only:
         from benchmarks.serving.bench import Bench
 
@@ -134,6 +133,8 @@ def main(argv=None) -> int:
         meta["timings_s"]["quality"] = round(time.monotonic() - t1, 1)
         meta["timings_s"]["benchmark"] = round(time.monotonic() - t0, 1)
         (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        for log in (out / "logs").glob("*.log"):  # captured tool output names this machine's folders
+            log.write_text(log.read_text().replace(str(REPO) + "/", "").replace(str(REPO), "."))
     from benchmarks.serving.report import write_report
 
     res = write_report(out, smoke=a.smoke)

@@ -24,12 +24,19 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["REPO", "SERVED_NAME", "VLLMSpec", "GatewaySpec", "VLLMServer", "GatewayServer", "free_port",
+__all__ = ["REPO", "SERVED_NAME", "repo_path", "VLLMSpec", "GatewaySpec", "VLLMServer", "GatewayServer", "free_port",
            "gateway_flags", "read_metric", "kv_cache_tokens"]
 
 REPO = Path(__file__).resolve().parents[2]
 #: The name vLLM serves SmolLM2 under: its real Hub id, so the gateway log (grouped by `model` in train.py) names it.
 SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def repo_path(path: str | Path) -> str:
+    """`path` (from the current folder) as seen from the repository root, where the servers run: relative when it
+    lies in the repository or beside it (../shared/...), so reports name no machine's folders; else absolute."""
+    rel = os.path.relpath(Path(path).absolute(), REPO)
+    return str(Path(path).absolute()) if rel.startswith(os.pardir + os.sep + os.pardir) else rel
 
 
 def free_port() -> int:
