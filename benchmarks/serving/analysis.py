@@ -120,7 +120,7 @@ def bar_checks(summary: pd.DataFrame, high_load: float, quality: dict | None = N
         add(f"{lab}: LenPred cut {lp:.1f} % vs prompt-length cut {pl:.1f} %", lp - pl, "> 0", lp > pl)
     if quality:
         d = quality.get("tau_adapted", math.nan) - quality.get("tau_zero_shot", math.nan)
-        add("closed loop: tau(adapted) - tau(best zero-shot), unseen prompts", d, ">= 0.05", d >= 0.05)
+        add("closed loop: tau(adapted) - tau(zero-shot sibling), unseen prompts", d, ">= 0.05", d >= 0.05)
     if sim_vs_real is not None and len(sim_vs_real):
         for r in sim_vs_real.itertuples(index=False):
             if r.policy == "fcfs":
