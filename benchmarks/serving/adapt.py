@@ -9,12 +9,10 @@ average known one and everything fine-tunes), and says which it used. Scores are
 from __future__ import annotations
 
 import math
-import re
 import shlex
 import subprocess
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +21,8 @@ import pandas as pd
 from benchmarks.serving.stack import REPO, repo_path
 from lenpred.metrics import classification_scores, kendall_within_sets, regression_scores
 
-__all__ = ["train_flags", "adapt_command", "run_adaptation", "quality_table", "zero_shot_choice"]
+__all__ = ["run_adaptation", "quality_table", "zero_shot_choice"]
 
-
-
-@lru_cache(maxsize=None)
-def train_flags(python: str = sys.executable) -> frozenset:
-    """Long options `train.py --help` lists (to know whether `--adapt` has landed)."""
-    out = subprocess.run([python, "train.py", "--help"], capture_output=True, text=True, cwd=REPO, timeout=300).stdout
-    return frozenset(re.findall(r"--[a-z][a-z0-9_-]+", out))
-
-
-def adapt_command(mode: str, base: str, log: str, export_dir: str, run_dir: str, flags: frozenset,
-                  python: str = sys.executable, extra: list[str] | None = None) -> tuple[list[str] | None, str]:
-    """The train.py command for one adaptation ``mode`` and how it was resolved.
-
-    - ``--adapt`` available: ``train.py --init-from BASE --dataset LOG --adapt MODE`` ("as asked").
-    - otherwise, ``llm``/``full``: plain ``--init-from`` (full fine-tune from the average row) ("fallback");
-      ``sibling`` has no equivalent, so None ("unavailable").
-    """
-    cmd = [python, "train.py", "--init-from", base, "--dataset", log, "--export_dir", export_dir,
-           "--output_dir", run_dir]
-    if "--adapt" in flags:
-        return cmd + ["--adapt", mode] + list(extra or []), "as asked"
-    if mode == "sibling":
-        return None, "unavailable: train.py has no --adapt"
-    return cmd + list(extra or []), "fallback: train.py has no --adapt; plain --init-from (full fine-tune)"
 
 
 def run_adaptation(mode: str, base: str, log: str, out_dir: Path, python: str = sys.executable,
@@ -57,13 +31,10 @@ def run_adaptation(mode: str, base: str, log: str, out_dir: Path, python: str = 
     ``out_dir/adapt-MODE.log``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     export = out_dir / f"export-{mode}"
-    cmd, how = adapt_command(mode, base, log, str(export), str(out_dir / f"run-{mode}"), train_flags(python),
-                             python, extra)
-    info = dict(mode=mode, how=how, command=None if cmd is None else shlex.join([repo_path(cmd[0]), *cmd[1:]]),
-                seconds=None, export=None,
-                rc=None)
-    if cmd is None:
-        return info
+    cmd = [python, "train.py", "--init-from", base, "--dataset", log, "--export_dir", str(export),
+           "--output_dir", str(out_dir / f"run-{mode}"), "--adapt", mode, *(extra or [])]
+    info = dict(mode=mode, how=f"train.py --adapt {mode}", command=shlex.join([repo_path(cmd[0]), *cmd[1:]]),
+                seconds=None, export=None, rc=None)
     t0 = time.monotonic()
     with open(out_dir / f"adapt-{mode}.log", "wb") as f:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
