@@ -285,7 +285,7 @@ def main(argv=None) -> dict:
         print(f"fake upstream on {fake.url}: {args.tokens} tokens at {args.token_rate} tokens/s", flush=True)
         upstream_url = fake.url
     tokens = None if args.upstream else args.tokens
-    idle_s = 2 * args.tokens / args.token_rate if tokens else 0.3  # a concurrency-1 pair: direct, then gateway
+    idle_s = 0.3 if args.upstream else 2 * args.tokens / args.token_rate  # a concurrency-1 pair: direct, gateway
     reference = _predict_alone(predictor, tokenizer, llm, prompts, 200, idle_s) if predictor is not None else None
     if reference:
         print(f"predict alone, batch 1: p50 {reference['batch1_p50_ms']} ms back to back, "

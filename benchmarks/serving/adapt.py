@@ -1,14 +1,14 @@
 """The closed loop's offline half: adapt LenPred to the served LLM from pass 1's gateway log, and score predictions
 for that LLM on prompts the log never saw.
 
-Why here and not in the replay: adaptation is `train.py`'s job (the lead's `--adapt sibling|llm|full`); this module
-only calls it, falls back to what the installed `train.py` offers (plain `--init-from`: the new LLM starts at the
-average known one and everything fine-tunes), and says which it used. Scores are `lenpred.metrics`'s, predictions
-`lenpred.inference.predict_rows`, so the figures mean what the report's mean.
+Why here and not in the replay: adaptation is `train.py`'s job (`--adapt sibling|llm|full`); this module only calls
+it. Scores are `lenpred.metrics`'s, predictions `lenpred.inference.predict_rows`, so the figures mean what the
+report's mean.
 """
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -27,17 +27,19 @@ __all__ = ["run_adaptation", "quality_table", "zero_shot_choice"]
 
 def run_adaptation(mode: str, base: str, log: str, out_dir: Path, python: str = sys.executable,
                    extra: list[str] | None = None) -> dict:
-    """Run one adaptation; return {mode, how, command, seconds, export (or None), rc}. Its output goes to
-    ``out_dir/adapt-MODE.log``."""
+    """Run one adaptation; return {mode, command, seconds, export (or None), rc}. Its output goes to
+    ``out_dir/adapt-MODE.log``, with this machine's repository folder written as a relative path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     export = out_dir / f"export-{mode}"
     cmd = [python, "train.py", "--init-from", base, "--dataset", log, "--export_dir", str(export),
            "--output_dir", str(out_dir / f"run-{mode}"), "--adapt", mode, *(extra or [])]
-    info = dict(mode=mode, how=f"train.py --adapt {mode}", command=shlex.join([repo_path(cmd[0]), *cmd[1:]]),
-                seconds=None, export=None, rc=None)
+    info = dict(mode=mode, command=shlex.join([repo_path(cmd[0]), *cmd[1:]]), seconds=None, export=None, rc=None)
     t0 = time.monotonic()
-    with open(out_dir / f"adapt-{mode}.log", "wb") as f:
+    log_path = out_dir / f"adapt-{mode}.log"
+    with open(log_path, "wb") as f:
         rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    # tool output (warnings, transformers' remote-code notice) names absolute paths: keep reports free of them
+    log_path.write_text(log_path.read_text(errors="replace").replace(str(REPO) + os.sep, "").replace(str(REPO), "."))
     info.update(seconds=round(time.monotonic() - t0, 1), rc=rc,
                 export=str(export) if rc == 0 and (export / "config.json").exists() else None)
     return info

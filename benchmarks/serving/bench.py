@@ -213,7 +213,7 @@ class Bench:
                 if info["export"]:
                     exports[policy] = info["export"]
                 else:
-                    self.meta["notes"].append(f"policy {policy} skipped: {info['how']} failed "
+                    self.meta["notes"].append(f"policy {policy} skipped: `{info['command']}` failed "
                                               f"(rc {info['rc']})")
             self.meta["timings_s"]["adaptation"] = round(time.monotonic() - t0, 1)
             gws = {p: stack.enter_context(self.gateway(p, e, vllm.url, client_priority=False))

@@ -133,8 +133,6 @@ def main(argv=None) -> int:
         meta["timings_s"]["quality"] = round(time.monotonic() - t1, 1)
         meta["timings_s"]["benchmark"] = round(time.monotonic() - t0, 1)
         (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        for log in (out / "logs").glob("*.log"):  # captured tool output names this machine's folders
-            log.write_text(log.read_text().replace(str(REPO) + "/", "").replace(str(REPO), "."))
     from benchmarks.serving.report import write_report
 
     res = write_report(out, smoke=a.smoke)

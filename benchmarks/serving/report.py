@@ -178,7 +178,7 @@ def write_report(out: Path, smoke: bool = False) -> dict:
         md += ["## Closed loop: prediction quality for the served LLM on prompts not in pass 1's log", "",
                _table(q, [c for c in ("model", "llm", "n", "mae", "tau", "acc500", "acc50_of_mean") if c in q], 3), ""]
     for k, v in meta.get("adaptation", {}).items():
-        md.append(f"- adaptation for `{k}`: {v['how']}; {v['seconds']} s; `{v['command']}`")
+        md.append(f"- adaptation for `{k}`: {v['seconds']} s; `{v['command']}`")
     md += ["", "## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in meta.get("timings_s", {}).items()), ""]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     return dict(checks=checks, figures=figs)
