@@ -23,10 +23,10 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_lenpred import LenPredConfig
-    from .prediction_lenpred import LenPredPrediction, predict_in_batches
+    from .prediction_lenpred import LenPredPrediction, predict_in_batches, reservation_bound, run_in_batches
 except ImportError:  # loaded as a plain module from the repository root
     from configuration_lenpred import LenPredConfig
-    from prediction_lenpred import LenPredPrediction, predict_in_batches
+    from prediction_lenpred import LenPredPrediction, predict_in_batches, reservation_bound, run_in_batches
 
 __all__ = ["LenPredModel", "LenPredForSequenceClassification", "LenPredPreTrainedModel", "LenPredOutput"]
 
@@ -70,7 +70,9 @@ class LenPredPreTrainedModel(PreTrainedModel):
         stacks four linear layers with no normalisation between them: at std 0.02 its output would be constant and
         its gradients vanish, so those layers keep PyTorch's fan-in scaled init and the LLM table a unit normal."""
         if getattr(module, "_lenpred_head", False):
-            if isinstance(module, nn.Embedding):
+            if module is getattr(self, "llm_length_delta", None):  # no correction until an LLM learns one
+                init.zeros_(module.weight)
+            elif isinstance(module, nn.Embedding):
                 init.normal_(module.weight, mean=0.0, std=1.0)
             else:
                 bound = 1.0 / math.sqrt(module.weight.shape[1])
@@ -101,7 +103,11 @@ class LenPredModel(LenPredPreTrainedModel):
         )
         self.bin_head = nn.Linear(config.head_hidden_dim, config.num_bins)
         self.length_head = nn.Linear(config.head_hidden_dim, 2)  # log1p(mean), log1p(std)
-        for layer in (self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head):
+        heads = [self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head]
+        if config.llm_length_heads:  # each LLM's correction of the length head, flattened (mean row, std row)
+            self.llm_length_delta = nn.Embedding(max(config.num_llms, 1), 2 * config.head_hidden_dim)
+            heads.append(self.llm_length_delta)
+        for layer in heads:
             layer._lenpred_head = True
         self.post_init()
 
@@ -144,14 +150,19 @@ class LenPredModel(LenPredPreTrainedModel):
             vector = torch.cat([vector, torch.log1p(n_tokens) / LENGTH_FEATURE_SCALE], dim=-1)
         return vector
 
-    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor, llm_table: torch.Tensor | None = None):
+    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor, llm_table: torch.Tensor | None = None,
+              delta_table: torch.Tensor | None = None):
         """Predictions for `llm_ids` of shape (batch, n_llms) from prompt vectors (batch, d): no encoder work.
-        `llm_table` stands in for the LLM embedding's weight (adapting one LLM's row learns through it)."""
+        `llm_table` / `delta_table` stand in for the LLM embedding's / length-head corrections' weights (adapting
+        one LLM learns through them)."""
         n = llm_ids.shape[1]
         table = self.llm_embedding.weight if llm_table is None else llm_table
         joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), F.embedding(llm_ids, table)], dim=-1)
         hidden = self.mlp(joined)
         raw = self.length_head(hidden)
+        if self.config.llm_length_heads:  # a zero correction adds exactly nothing
+            table = self.llm_length_delta.weight if delta_table is None else delta_table
+            raw = raw + (F.embedding(llm_ids, table).unflatten(-1, (2, -1)) * hidden.unsqueeze(-2)).sum(-1)
         # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
         log_mean, log_std = F.softplus(raw[..., 0]), F.softplus(raw[..., 1])
         return self.bin_head(hidden), log_mean, log_std
@@ -301,6 +312,38 @@ class LenPredModel(LenPredPreTrainedModel):
                                       progress, quantile=quantile)
         finally:
             self.train(was_training)
+
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: str | Sequence[str], tokenizer, batch_size: int = 64,
+                       progress: bool = False) -> torch.Tensor:
+        """The prompt vectors (n, d) on the CPU, through `predict`'s batching. With the encoder frozen they are all
+        that per-LLM learning needs, and `predict_vectors` turns them into predictions without the encoder."""
+        was_training = self.training
+        self.eval()
+        try:
+            def run_batch(input_ids, attention_mask, prompt_length):
+                return (self.encode(input_ids.to(self.device), attention_mask.to(self.device),
+                                    prompt_length=prompt_length.to(self.device)).float().cpu(),)
+
+            return run_in_batches(self.config, tokenizer, prompts, run_batch, batch_size, progress=progress,
+                                  desc="encoding prompts")[0]
+        finally:
+            self.train(was_training)
+
+    @torch.inference_mode()
+    def predict_vectors(self, vectors: torch.Tensor, llms: str | Sequence[str] | None = None,
+                        quantile: float | None = None) -> LenPredPrediction:
+        """`predict`'s output from prompt vectors (`encode_prompts`), for every LLM in `llms` (None: all)."""
+        names = self.config.llm_names if llms is None else ([llms] if isinstance(llms, str) else list(llms))
+        ids = [self.config.llm_index(self.config.resolve_llm(n)) for n in names]
+        vectors = torch.as_tensor(vectors).to(self.device)
+        logits, log_mean, log_std = self.heads(vectors, torch.tensor(ids, device=self.device).expand(len(vectors), -1))
+        mean, std = torch.expm1(log_mean.float()).cpu(), torch.expm1(log_std.float()).cpu()
+        q = self.config.reservation_quantile if quantile is None else quantile
+        bound, calibrated = reservation_bound(self.config, mean, std, ids, q)
+        return LenPredPrediction([self.config.llm_names[i] for i in ids], mean, std, bound,
+                                 logits.float().softmax(-1).cpu(), list(self.config.bin_edges), q, calibrated)
 
 
 class LenPredForSequenceClassification(LenPredModel):

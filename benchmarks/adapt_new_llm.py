@@ -117,6 +117,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--full-lr", type=float, default=2e-5,
                     help="encoder learning rate of --adapt full (the heads' is 10x): a fifth of training's, so one "
                          "epoch refines the model rather than retraining it")
+    ap.add_argument("--modes", default="llm", help="row-fitting --adapt modes to score, comma-separated "
+                    "(llm, llm-head)")
     ap.add_argument("--cap", type=int, default=300, help="max_tokens of the cut-short log (N = 200)")
     ap.add_argument("--cache-dir", help="kNN embedding cache (default ~/.cache/lenpred)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "adaptation"), help="folder for results.json / .md")
@@ -136,6 +138,9 @@ def main(argv=None) -> dict:
     if set(held_out) & set(base.config.llm_names) or set(held_out) - set(full.config.llm_names):
         raise SystemExit("--held-out-model must not know the --llms, and --full-model must know them all")
     sizes, seeds = [int(n) for n in args.n.split(",")], [int(s) for s in args.log_seeds.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"llm", "llm-head"}:
+        ap.error(f"--modes takes llm and/or llm-head, got {args.modes!r}")
     known = list(base.config.llm_names)
     # the held-out model's own dev split (train.py, seed 42): the held-out LLMs' dev prompts are those, their
     # training prompts (what the logs are drawn from) the rest of the pool
@@ -162,14 +167,17 @@ def main(argv=None) -> dict:
                 sibling, rep = adapt(base, tokenizer, log, mode="sibling")
                 run["sibling"], run["sibling_name"] = scores(predict(sibling, tokenizer, target)), rep.siblings[llm]
                 run["knn"] = scores(knn_rows(log, target, embeddings))
-                began = time.time()
-                adapted, rep = adapt(base, tokenizer, log)
-                run["seconds"], run["prior"] = round(time.time() - began, 1), rep.prior
-                run["llm"] = scores(predict(adapted, tokenizer, target))
-                after = predict(adapted, tokenizer, others_before[known_cols(others_before)])
-                run["others_bitwise_unchanged"] = all(
-                    np.array_equal(np.stack(after[c]), np.stack(others_before[c]))
-                    for c in ("pred_mean", "pred_std", "pred_bound", "pred_bin_probs"))
+                run["seconds"], run["prior"], unchanged = {}, {}, []
+                for mode in modes:
+                    began = time.time()
+                    adapted, rep = adapt(base, tokenizer, log, mode=mode)
+                    run["seconds"][mode] = round(time.time() - began, 1)
+                    run["prior"][mode] = [rep.prior, rep.head_prior]
+                    run[mode] = scores(predict(adapted, tokenizer, target))
+                    after = predict(adapted, tokenizer, others_before[known_cols(others_before)])
+                    unchanged.append(all(np.array_equal(np.stack(after[c]), np.stack(others_before[c]))
+                                         for c in ("pred_mean", "pred_std", "pred_bound", "pred_bin_probs")))
+                run["others_bitwise_unchanged"] = all(unchanged)
                 if n == args.full_n and seed == seeds[0]:
                     tuned, _ = load_export(full_finetune(args.held_out_model, log, args.full_epochs, args.full_lr,
                                                          workdir / f"{llm.replace('/', '--')}-{n}"))
@@ -178,8 +186,9 @@ def main(argv=None) -> dict:
                     run["others_after_full"] = {m: scores(tuned_others[tuned_others["llm"] == m]) for m in known}
                 res["runs"].append(run)
                 print(f"  N={n} seed={seed}: sibling {run['sibling_name']} MAE {run['sibling']['mae']:.1f} "
-                      f"tau {run['sibling']['tau']:.3f} | llm MAE {run['llm']['mae']:.1f} tau {run['llm']['tau']:.3f}"
-                      f" ({run['seconds']} s) | kNN MAE {run['knn']['mae']:.1f}", flush=True)
+                      f"tau {run['sibling']['tau']:.3f} | " + " | ".join(
+                          f"{m} MAE {run[m]['mae']:.1f} tau {run[m]['tau']:.3f} ({run['seconds'][m]} s)"
+                          for m in modes) + f" | kNN MAE {run['knn']['mae']:.1f}", flush=True)
         for seed in seeds:  # the cut-short log: three ways to read it
             log = make_log(pool, 200, seed, cap=args.cap)
             cut = log["output_capped"].map(bool)
@@ -217,7 +226,8 @@ def render(result: dict, args) -> str:
         for n in sorted({r["n"] for r in res["runs"]}):
             runs = [r for r in res["runs"] if r["n"] == n]
             for method, label in (("sibling", "sibling transfer"), ("knn", "kNN on the log"),
-                                  ("llm", "--adapt llm (default)"), ("full", "--adapt full")):
+                                  ("llm", "--adapt llm (default)"), ("llm-head", "--adapt llm-head"),
+                                  ("full", "--adapt full")):
                 got = [r[method] for r in runs if method in r]
                 if got:
                     table.append([n, label, mean_std([g["mae"] for g in got]), mean_std([g["acc500"] for g in got]),
@@ -227,10 +237,13 @@ def render(result: dict, args) -> str:
                       f"{w['tau']:.3f}", mean_std([w["coverage"]])])
         lines += [table_md(["N", "method", "MAE", "acc@500", "τ", "bound coverage"], table), ""]
         siblings = sorted({r["sibling_name"] for r in res["runs"]})
-        secs = [r["seconds"] for r in res["runs"] if r["n"] == 200]
-        lines += [f"Siblings chosen: {', '.join(siblings)}. `--adapt llm` on 200 prompts: {mean_std(secs)} s "
-                  "(encoding, 5-fold choice of the prior, fit, calibration). Other LLMs bitwise unchanged by "
-                  f"`--adapt llm` in every run: {all(r['others_bitwise_unchanged'] for r in res['runs'])}.", ""]
+        modes = [m for m in ("llm", "llm-head") if any(m in r for r in res["runs"])]
+        secs = "; ".join(f"`--adapt {m}` {mean_std([r['seconds'][m] for r in res['runs'] if r['n'] == 200])} s"
+                         for m in modes)
+        lines += [f"Siblings chosen: {', '.join(siblings)}. On 200 prompts: {secs} (encoding, 5-fold choice of the "
+                  "prior, fit, calibration). Other LLMs bitwise unchanged by "
+                  f"{' and '.join(f'`--adapt {m}`' for m in modes)} in every run: "
+                  f"{all(r['others_bitwise_unchanged'] for r in res['runs'])}.", ""]
         lines += [f"Cut-short log (N = 200, max_tokens {args.cap}: "
                   f"{100 * np.mean([c['cut_share'] for c in res['capped']]):.0f} % of answers cut):", ""]
         lines += [table_md(["answers cut short, read", "MAE", "τ"], [
@@ -255,16 +268,20 @@ def bar_checks(result: dict) -> list[str]:
         def avg(n, method, key):
             got = [r[method][key] for r in res["runs"] if r["n"] == n and method in r]
             return float(np.mean(got)) if got else None
-        if avg(200, "llm", "mae") is not None:
-            mae, tau = avg(200, "llm", "mae"), avg(200, "llm", "tau")
+        for mode in ("llm", "llm-head"):
+            if avg(200, mode, "mae") is None:
+                continue
+            mae, tau = avg(200, mode, "mae"), avg(200, mode, "tau")
             smae, stau = avg(200, "sibling", "mae"), avg(200, "sibling", "tau")
-            lines.append(f"- {llm}, N = 200: MAE {mae:.1f} vs 0.92 × sibling {0.92 * smae:.1f} "
+            lines.append(f"- {llm}, N = 200, `--adapt {mode}`: MAE {mae:.1f} vs 0.92 × sibling {0.92 * smae:.1f} "
                          f"({'met' if mae <= 0.92 * smae else 'missed'}); τ {tau:.3f} vs sibling + 0.03 = "
                          f"{stau + 0.03:.3f} ({'met' if tau >= stau + 0.03 else 'missed'})")
-        if avg(1000, "llm", "mae") is not None:
+        for mode in ("llm", "llm-head", "full"):
+            if avg(1000, mode, "mae") is None:
+                continue
             w = res["with_it_from_start"]
-            mae, tau = avg(1000, "llm", "mae"), avg(1000, "llm", "tau")
-            lines.append(f"- {llm}, N = 1,000: MAE {mae:.1f} vs 1.05 × {w['mae']:.1f} = {1.05 * w['mae']:.1f} "
+            mae, tau = avg(1000, mode, "mae"), avg(1000, mode, "tau")
+            lines.append(f"- {llm}, N = 1,000, `--adapt {mode}`: MAE {mae:.1f} vs 1.05 × {w['mae']:.1f} = {1.05 * w['mae']:.1f} "
                          f"({'met' if mae <= 1.05 * w['mae'] else 'missed'}); τ {tau:.3f} vs 0.95 × {w['tau']:.3f} "
                          f"= {0.95 * w['tau']:.3f} ({'met' if tau >= 0.95 * w['tau'] else 'missed'})")
         for r in res["runs"]:

@@ -10,10 +10,13 @@
   so the others' predictions stay bitwise the same. The prompts are encoded once, so it takes seconds: the rows
   fit the model's own loss on the cached prompt vectors, pulled towards their start by an L2 prior whose strength
   is chosen by cross-validation over the log's prompts (the log is all a user has; nothing else is peeked at).
+- `llm-head`: as `llm`, and each logged LLM also learns its own correction of the shared mean/std head (a linear
+  read of the MLP module's output, `config.llm_length_heads`), pulled towards zero by a second cross-validated
+  prior.
 - `full` (train.py, with the Trainer): every weight learns, on the logs beside a replay of the original training
   pool so the other LLMs keep being taught what they knew.
 
-In `sibling` and `llm` modes the adapted LLMs' reservation-bound offsets are refitted by split conformal on their
+In `sibling`, `llm` and `llm-head` modes the adapted LLMs' reservation-bound offsets are refitted by split conformal on their
 own log answers, predicted by models that did not see them (the cross-validation folds); an answer cut short by
 its `max_tokens` counts as not covered, whatever the bound (its length is unknown beyond the cap).
 """
@@ -31,16 +34,16 @@ import torch
 
 from lenpred.calibration import QUANTILES, answer_scores, conformal_offset
 from lenpred.examples import group_by_prompt
-from prediction_lenpred import run_in_batches
 
-__all__ = ["ADAPT_MODES", "AdaptationReport", "prompt_vectors", "sibling_fit", "choose_siblings", "extend_llms",
-           "fit_llm_rows",
+__all__ = ["ADAPT_MODES", "AdaptationReport", "sibling_fit", "choose_siblings", "extend_llms", "fit_llm_rows",
            "adapt", "MIN_CALIBRATION_ANSWERS"]
 
 logger = logging.getLogger(__name__)
-ADAPT_MODES = ("llm", "sibling", "full")
+ADAPT_MODES = ("llm", "llm-head", "sibling", "full")
 #: Prior strengths tried by the cross-validation (0: no pull towards the starting row).
 PRIOR_GRID = (0.0, 0.01, 0.1, 1.0)
+#: `llm-head` mode: strengths of the pull of a length-head correction towards zero (× its squared norm).
+HEAD_PRIOR_GRID = (0.1, 1.0, 10.0, 100.0)
 #: An adapted LLM with fewer log answers than this keeps its starting row's bound offsets (logged).
 MIN_CALIBRATION_ANSWERS = 20
 
@@ -55,27 +58,11 @@ class AdaptationReport:
     siblings: dict[str, str] = field(default_factory=dict)     # new LLM -> the known LLM its row started from
     sibling_losses: dict[str, dict[str, float]] = field(default_factory=dict)  # new LLM -> loss of each known one
     prior: float | None = None
+    head_prior: float | None = None                             # llm-head mode
     cv_loss: dict[str, float] = field(default_factory=dict)     # prior -> mean held-out loss over the folds
     prompts: int = 0
     calibrated: dict[str, str] = field(default_factory=dict)   # LLM -> "fitted on N answers" or why not
     seconds: float = 0.0
-
-
-@torch.inference_mode()
-def prompt_vectors(model, tokenizer, prompts, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """The encoder's prompt vectors (n, d), through the prediction path's batching: with a frozen encoder they are
-    all that adapting the LLM rows needs."""
-    was_training = model.training
-    model.eval()
-    try:
-        def run_batch(input_ids, attention_mask, prompt_length):
-            return (model.encode(input_ids, attention_mask, prompt_length=prompt_length).float(),)
-
-        (vectors,) = run_in_batches(model.config, tokenizer, prompts, run_batch, batch_size, progress=progress,
-                                    desc="encoding the log's prompts")
-        return vectors
-    finally:
-        model.train(was_training)
 
 
 def _labels(ds, key: str, n_llms: int) -> torch.Tensor | None:
@@ -84,8 +71,8 @@ def _labels(ds, key: str, n_llms: int) -> torch.Tensor | None:
     return torch.tensor(np.asarray(ds[key], dtype=np.float32).reshape(len(ds), n_llms))
 
 
-def _loss(model, vectors, ids, labels, table=None) -> torch.Tensor:
-    bin_logits, log_mean, log_std = model.heads(vectors, ids, llm_table=table)
+def _loss(model, vectors, ids, labels, tables=(None, None)) -> torch.Tensor:
+    bin_logits, log_mean, log_std = model.heads(vectors, ids, *tables)
     mean, std, floor = labels
     return model.loss(bin_logits, log_mean, log_std, mean, std, ids.shape, labels_mean_floor=floor)
 
@@ -122,54 +109,71 @@ def choose_siblings(model, tokenizer, rows: pd.DataFrame, encoded=None) -> tuple
     return siblings, losses
 
 
-def _encode(model, tokenizer, rows: pd.DataFrame, progress: bool = False):
-    """(one example per prompt, their prompt vectors, label tensors (mean, std, floor), the LLMs in label order)."""
+def _encode(model, tokenizer, rows: pd.DataFrame, progress: bool = False, vectors_of=None):
+    """(one example per prompt, their prompt vectors, label tensors (mean, std, floor), the LLMs in label order).
+    `vectors_of(prompts)` gives the prompt vectors where they are at hand (the encoder is frozen in these modes, so
+    any copy of the model gives the same ones); else the prompts are encoded here."""
     llms = list(dict.fromkeys(rows["llm"]))
     ds = group_by_prompt(rows, llms)
-    vectors = prompt_vectors(model, tokenizer, list(ds["prompt_text"]), progress=progress)
+    prompts = list(ds["prompt_text"])
+    vectors = (vectors_of(prompts) if vectors_of is not None
+               else model.encode_prompts(prompts, tokenizer, progress=progress))
     labels = tuple(_labels(ds, k, len(llms)) for k in ("labels_mean", "labels_std", "labels_mean_floor"))
     return ds, vectors, labels, llms
 
 
-def extend_llms(model, start_rows: dict[str, str]):
+def extend_llms(model, start_rows: dict[str, str], length_heads: bool = False):
     """A copy of `model` that also knows the LLMs of `start_rows` (new LLM -> known LLM it starts as): their
-    embedding rows and bound offsets are copies of the known ones'. Every existing weight is copied unchanged."""
+    embedding rows, length-head corrections and bound offsets are copies of the known ones'. `length_heads`: give
+    the copy per-LLM length-head corrections (zero for the LLMs it knew) if it has none. Every existing weight is
+    copied unchanged."""
     config = model.config
     new = [n for n in start_rows if n not in config.llm_names]
-    if not new:
+    add_heads = length_heads and not config.llm_length_heads
+    if not new and not add_heads:
         return copy.deepcopy(model)
     source = [config.llm_index(start_rows[n]) for n in new]
     offsets = {q: list(v) + [v[i] for i in source] for q, v in (config.bound_offsets or {}).items()}
     extended = type(model)(type(config)(**{**config.to_dict(), "llm_names": list(config.llm_names) + new,
-                                             "bound_offsets": offsets or None}))
+                                             "bound_offsets": offsets or None,
+                                             "llm_length_heads": config.llm_length_heads or length_heads}))
     state = model.state_dict()
-    table = state["llm_embedding.weight"]
-    state["llm_embedding.weight"] = torch.cat([table, table[source].clone()])
+    if add_heads:
+        state["llm_length_delta.weight"] = torch.zeros(config.num_llms, 2 * config.head_hidden_dim)
+    for key in ("llm_embedding.weight", "llm_length_delta.weight"):
+        if key in state:
+            state[key] = torch.cat([state[key], state[key][source].clone()])
     extended.load_state_dict(state)
     return extended.to(model.device).train(model.training)
 
 
 def fit_llm_rows(model, vectors: torch.Tensor, labels, llm_ids: list[int], prior: float, steps: int = 200,
-                 lr: float = 0.05) -> torch.Tensor:
-    """The embedding rows of `llm_ids` that minimise the model's loss on `labels` ((n, len(llm_ids)) each) from
-    frozen prompt vectors, plus `prior` × the squared distance to their starting rows (full-batch Adam, on one
-    thread: these small steps lose more to thread hand-offs than they gain). Returns the rows."""
+                 lr: float = 0.05, head_prior: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embedding rows, length-head corrections or None) of `llm_ids` that minimise the model's loss on `labels`
+    ((n, len(llm_ids)) each) from frozen prompt vectors, plus `prior` × the rows' mean squared distance to their
+    start and, with `head_prior`, `head_prior` × each correction's squared distance to its start (full-batch Adam,
+    on one thread: these small steps lose more to thread hand-offs than they gain)."""
     start = model.llm_embedding.weight.detach()[llm_ids].clone()
-    rows = torch.nn.Parameter(start.clone())
+    params = [torch.nn.Parameter(start.clone())]
+    if head_prior is not None:
+        head_start = model.llm_length_delta.weight.detach()[llm_ids].clone()
+        params.append(torch.nn.Parameter(head_start.clone()))
     ids = torch.tensor(llm_ids).expand(len(vectors), -1)
-    optimizer = torch.optim.Adam([rows], lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for _ in range(steps):
             optimizer.zero_grad()
-            table = _with_rows(model, llm_ids, rows)
-            loss = _loss(model, vectors, ids, labels, table) + prior * ((rows - start) ** 2).mean()
+            loss = _loss(model, vectors, ids, labels, _tables(model, llm_ids, *params))
+            loss = loss + prior * ((params[0] - start) ** 2).mean()
+            if head_prior is not None:
+                loss = loss + head_prior * ((params[1] - head_start) ** 2).sum(-1).mean()
             loss.backward()
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    return rows.detach()
+    return params[0].detach(), params[1].detach() if head_prior is not None else None
 
 
 def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
@@ -182,46 +186,54 @@ def _subset(labels, idx):
 
 
 def adapt(model, tokenizer, rows: pd.DataFrame, mode: str = "llm", folds: int = 5, seed: int = 0,
-          priors=PRIOR_GRID, quantiles=QUANTILES, progress: bool = False):
+          priors=PRIOR_GRID, quantiles=QUANTILES, progress: bool = False, head_priors=HEAD_PRIOR_GRID,
+          vectors_of=None):
     """(adapted model, `AdaptationReport`) for the LLMs that `rows` (normalised log rows, `lenpred.data`) name, in
-    `sibling` or `llm` mode (see the module docstring). The input model is left as it is."""
-    if mode not in ("llm", "sibling"):
-        raise ValueError(f"adapt() runs the 'llm' and 'sibling' modes (train.py runs 'full'), got {mode!r}")
+    `sibling`, `llm` or `llm-head` mode (see the module docstring). The input model is left as it is.
+    `vectors_of(prompts)`: the prompts' vectors where they are cached (a gateway's, a benchmark's)."""
+    if mode not in ("llm", "llm-head", "sibling"):
+        raise ValueError(f"adapt() runs the 'llm', 'llm-head' and 'sibling' modes (train.py runs 'full'), got {mode!r}")
     if rows.empty:
         raise ValueError("the log holds no usable rows to adapt from")
     began = time.time()
     config = model.config
-    ds, vectors, labels, llms = encoded = _encode(model, tokenizer, rows, progress)
+    ds, vectors, labels, llms = encoded = _encode(model, tokenizer, rows, progress, vectors_of)
     new = [n for n in llms if n not in config.llm_names]
     report = AdaptationReport(mode, llms, new, prompts=len(ds))
     report.siblings, report.sibling_losses = choose_siblings(model, tokenizer, rows, encoded)
-    adapted = extend_llms(model, report.siblings)
+    adapted = extend_llms(model, report.siblings, length_heads=mode == "llm-head")
     ids = [adapted.config.llm_index(n) for n in llms]
     for p in adapted.parameters():
         p.requires_grad_(False)
     adapted.eval()
     held_out = _predict(adapted, vectors, ids)  # sibling mode: nothing was fitted on the log
-    if mode == "llm":
+    if mode != "sibling":
+        grid = [(p, h) for p in priors for h in (head_priors if mode == "llm-head" else [None])]
         splits = _folds(len(ds), folds, seed)
-        if not splits:  # too few prompts to cross-validate: the strongest pull towards the starting rows
-            report.prior = max(priors)
-        for prior in priors if splits else []:
+        best = None if splits else (max(priors), None if mode == "llm" else max(head_priors))
+        for prior, head_prior in grid if splits else []:  # too few prompts to cross-validate: the strongest pulls
             mean, std = torch.empty(len(ds), len(ids)), torch.empty(len(ds), len(ids))
             losses = []
             for test in splits:
                 train = np.setdiff1d(np.arange(len(ds)), test)
-                table = _with_rows(adapted, ids, fit_llm_rows(adapted, vectors[train], _subset(labels, train), ids,
-                                                              prior))
+                tables = _tables(adapted, ids, *fit_llm_rows(adapted, vectors[train], _subset(labels, train), ids,
+                                                             prior, head_prior=head_prior))
                 with torch.no_grad():
                     test_ids = torch.tensor(ids).expand(len(test), -1)
-                    losses.append(float(_loss(adapted, vectors[test], test_ids, _subset(labels, test), table)))
-                mean[test], std[test] = _predict(adapted, vectors[test], ids, table)
-            report.cv_loss[f"{prior:g}"] = float(np.mean(losses))
-            if report.prior is None or report.cv_loss[f"{prior:g}"] < report.cv_loss[f"{report.prior:g}"]:
-                report.prior, held_out = prior, (mean, std)  # predictions of folds that did not see the answers
-        fitted = fit_llm_rows(adapted, vectors, labels, ids, report.prior)
+                    losses.append(float(_loss(adapted, vectors[test], test_ids, _subset(labels, test), tables)))
+                mean[test], std[test] = _predict(adapted, vectors[test], ids, tables)
+            key = f"{prior:g}" if head_prior is None else f"{prior:g},{head_prior:g}"
+            report.cv_loss[key] = float(np.mean(losses))
+            if best is None or report.cv_loss[key] < best_loss:
+                best, best_loss = (prior, head_prior), report.cv_loss[key]
+                held_out = (mean, std)  # predictions of folds that did not see the answers
+        report.prior, report.head_prior = best
+        fitted_rows, fitted_heads = fit_llm_rows(adapted, vectors, labels, ids, report.prior,
+                                                 head_prior=report.head_prior)
         with torch.no_grad():
-            adapted.llm_embedding.weight[ids] = fitted
+            adapted.llm_embedding.weight[ids] = fitted_rows
+            if fitted_heads is not None:
+                adapted.llm_length_delta.weight[ids] = fitted_heads
     _refit_offsets(adapted, rows, ds, llms, ids, held_out, quantiles, report)
     for p in adapted.parameters():
         p.requires_grad_(True)
@@ -230,14 +242,17 @@ def adapt(model, tokenizer, rows: pd.DataFrame, mode: str = "llm", folds: int = 
 
 
 @torch.no_grad()
-def _predict(model, vectors, ids, table=None) -> tuple[torch.Tensor, torch.Tensor]:
-    _, log_mean, log_std = model.heads(vectors, torch.tensor(ids).expand(len(vectors), -1), llm_table=table)
+def _predict(model, vectors, ids, tables=(None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+    _, log_mean, log_std = model.heads(vectors, torch.tensor(ids).expand(len(vectors), -1), *tables)
     return torch.expm1(log_mean), torch.expm1(log_std)
 
 
-def _with_rows(model, ids, rows) -> torch.Tensor:
-    """The LLM embedding table with `rows` in place of those of `ids`."""
-    return model.llm_embedding.weight.detach().index_put((torch.tensor(ids),), rows)
+def _tables(model, ids, rows, heads=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LLM embedding table (and the length-head corrections' table) with `rows` (`heads`) in place of those of
+    `ids`."""
+    index = (torch.tensor(ids),)
+    delta = None if heads is None else model.llm_length_delta.weight.detach().index_put(index, heads)
+    return model.llm_embedding.weight.detach().index_put(index, rows), delta
 
 
 def _refit_offsets(model, rows, ds, llms, ids, held_out, quantiles, report) -> None:

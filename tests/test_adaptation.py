@@ -91,6 +91,32 @@ def test_llm_mode_fits_the_log_better_than_the_sibling(model, tokenizer):
     assert set(report.cv_loss) == {"0", "0.01", "0.1", "1"} and report.prior is not None
 
 
+def test_llm_head_mode_learns_the_llms_own_length_head_and_leaves_the_others_bitwise(model, tokenizer, tmp_path):
+    from transformers import AutoModel
+
+    from lenpred.hub import export_model
+
+    before = predictions(model, tokenizer)
+    truth = before.mean[:, 1].numpy() * np.linspace(1.0, 4.0, len(PROMPTS))  # a ranking its sibling's row lacks
+    adapted, report = adapt(model, tokenizer, log_rows(truth), mode="llm-head", head_priors=(0.001,))
+    assert adapted.config.llm_length_heads and report.mode == "llm-head" and report.head_prior == 0.001
+    assert set(report.cv_loss) == {"0,0.001", "0.01,0.001", "0.1,0.001", "1,0.001"}
+    delta = adapted.llm_length_delta.weight
+    assert torch.count_nonzero(delta[:3]) == 0 and torch.count_nonzero(delta[3]) > 0  # only the new LLM's
+    after = predictions(adapted, tokenizer, LLMS)
+    for field in ("mean", "std", "bound", "bin_probs"):
+        assert torch.equal(getattr(before, field), getattr(after, field)), field
+    row_only, _ = adapt(model, tokenizer, log_rows(truth))
+
+    def error(m):
+        return np.abs(np.log1p(predictions(m, tokenizer, NEW).mean[:, 0].numpy()) - np.log1p(np.round(truth))).mean()
+
+    assert error(adapted) < error(row_only)  # the extra parameter fits what the row alone cannot
+    export = export_model(adapted, tokenizer, tmp_path / "export")  # the remote code carries the corrections
+    reloaded = AutoModel.from_pretrained(export, trust_remote_code=True)
+    assert torch.equal(predictions(reloaded, tokenizer).mean, predictions(adapted, tokenizer).mean)
+
+
 def test_refreshing_a_known_llm_moves_only_its_own_row(model, tokenizer):
     before = predictions(model, tokenizer)
     refreshed, report = adapt(model, tokenizer, log_rows(before.mean[:, 0].numpy() * 4, llm=LLMS[0]))
@@ -259,7 +285,7 @@ def test_train_py_rejects_an_unknown_mode(base_export, tmp_path):
 
     run = train(["--init-from", base_export, "--dataset", write_log(tmp_path / "log.jsonl"), "--adapt", "most"],
                 tmp_path)
-    assert run.returncode != 0 and "--adapt must be one of ['llm', 'sibling', 'full']" in run.stderr
+    assert run.returncode != 0 and "--adapt must be one of ['llm', 'llm-head', 'sibling', 'full']" in run.stderr
 
 
 def test_gateway_log_retrain_reload_loop(base_export, tmp_path):
@@ -295,3 +321,23 @@ def test_gateway_log_retrain_reload_loop(base_export, tmp_path):
     info = json.loads((tmp_path / "adapted" / "training_info.json").read_text())
     # a quarter of the answers stopped at the cap: the 0.9 quantile and above cannot be told from this log
     assert info["adaptation"]["calibrated"][NEW].startswith("fitted on 24 answers (6 cut short); quantiles ['0.9'")
+
+
+def test_cached_prompt_vectors_give_the_predictions_and_the_adaptation_of_a_fresh_encoding(model, tokenizer):
+    vectors = model.encode_prompts(PROMPTS, tokenizer)
+    direct, cached = model.predict(PROMPTS, tokenizer), model.predict_vectors(vectors)
+    assert cached.llm_names == direct.llm_names and cached.bound_calibrated == direct.bound_calibrated
+    for field in ("mean", "std", "bound", "bin_probs"):
+        torch.testing.assert_close(getattr(cached, field), getattr(direct, field))
+    by_text = dict(zip(PROMPTS, vectors))
+    asked = []
+
+    def vectors_of(prompts):
+        asked.extend(prompts)
+        return torch.stack([by_text[p] for p in prompts])
+
+    rows = log_rows(direct.mean[:, 1].numpy() * 2)
+    fresh, _ = adapt(model, tokenizer, rows)
+    reused, _ = adapt(model, tokenizer, rows, vectors_of=vectors_of)
+    assert sorted(asked) == sorted(PROMPTS)  # every log prompt came from the cache, none was encoded again
+    torch.testing.assert_close(reused.llm_embedding.weight, fresh.llm_embedding.weight)
