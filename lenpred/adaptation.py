@@ -35,8 +35,8 @@ import torch
 from lenpred.calibration import QUANTILES, answer_scores, conformal_offset
 from lenpred.examples import group_by_prompt
 
-__all__ = ["ADAPT_MODES", "AdaptationReport", "sibling_fit", "choose_siblings", "extend_llms", "fit_llm_rows",
-           "adapt", "MIN_CALIBRATION_ANSWERS"]
+__all__ = ["ADAPT_MODES", "AdaptationReport", "sibling_fit", "choose_siblings", "extend_llms", "splice_llm",
+           "fit_llm_rows", "adapt", "default_mode", "MIN_CALIBRATION_ANSWERS", "HEAD_FROM_PROMPTS"]
 
 logger = logging.getLogger(__name__)
 ADAPT_MODES = ("llm", "llm-head", "sibling", "full")
@@ -44,6 +44,10 @@ ADAPT_MODES = ("llm", "llm-head", "sibling", "full")
 PRIOR_GRID = (0.0, 0.01, 0.1, 1.0)
 #: `llm-head` mode: strengths of the pull of a length-head correction towards zero (× its squared norm).
 HEAD_PRIOR_GRID = (0.1, 1.0, 10.0, 100.0)
+#: `default_mode`: from this many logged prompts of an LLM on, it also learns its own length head (`llm-head`);
+#: below, its row alone (`llm`). None: the row alone at any size. Chosen from the learning curve
+#: (docs/adaptation.md).
+HEAD_FROM_PROMPTS: int | None = None
 #: An adapted LLM with fewer log answers than this keeps its starting row's bound offsets (logged).
 MIN_CALIBRATION_ANSWERS = 20
 
@@ -145,6 +149,31 @@ def extend_llms(model, start_rows: dict[str, str], length_heads: bool = False):
             state[key] = torch.cat([state[key], state[key][source].clone()])
     extended.load_state_dict(state)
     return extended.to(model.device).train(model.training)
+
+
+def splice_llm(target, source, llm: str):
+    """A copy of `target` that holds `source`'s parameters for `llm` (embedding row, length-head correction, bound
+    offsets), adding `llm` when `target` does not know it. Both must come from one export (every shared weight
+    equal): the other LLMs' parameters stay bitwise `target`'s."""
+    config = target.config
+    start = {} if llm in config.llm_names else {llm: config.llm_names[0]}  # a placeholder row, overwritten below
+    out = extend_llms(target, start, length_heads=bool(source.config.llm_length_heads))
+    i, j = out.config.llm_index(llm), source.config.llm_index(llm)
+    with torch.no_grad():
+        out.llm_embedding.weight[i] = source.llm_embedding.weight[j]
+        if out.config.llm_length_heads:  # a row-only fit after a head fit: no correction any more
+            out.llm_length_delta.weight[i] = (source.llm_length_delta.weight[j] if source.config.llm_length_heads
+                                              else 0.0)
+    fitted = source.config.bound_offsets or {}
+    for q, values in (out.config.bound_offsets or {}).items():
+        if q in fitted:
+            values[i] = fitted[q][j]
+    return out
+
+
+def default_mode(n_prompts: int) -> str:
+    """The per-LLM mode for an LLM with `n_prompts` logged prompts (see `HEAD_FROM_PROMPTS`)."""
+    return "llm-head" if HEAD_FROM_PROMPTS is not None and n_prompts >= HEAD_FROM_PROMPTS else "llm"
 
 
 def fit_llm_rows(model, vectors: torch.Tensor, labels, llm_ids: list[int], prior: float, steps: int = 200,

@@ -20,8 +20,7 @@ import pandas as pd
 
 __all__ = ["CASTILLO_HUB_ID", "PROMPT_SETS", "HELD_OUT_PROMPT_SET", "PAPER_LLMS", "LOCAL_CASTILLO",
            "COLUMNS", "COMPLETE_FINISH_REASONS", "SPLITS", "Splits", "default_dataset_source", "dataset_name",
-           "load_rows", "validate_rows",
-           "sanitize", "load_castillo", "make_splits", "prompt_table", "mean_std"]
+           "load_rows", "rows_from_records", "validate_rows", "sanitize", "load_castillo", "make_splits", "prompt_table", "mean_std"]
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +287,14 @@ def load_rows(source: str | Path | Sequence[str | Path] | None = None,
     out = out[out["split"].isin(splits)].reset_index(drop=True)
     logger.info("loaded %d rows from %d user file(s)", len(out), len(frames))
     return out
+
+
+def rows_from_records(records: Sequence[dict], origin: str = "records") -> tuple[pd.DataFrame, dict[str, int]]:
+    """Log records (dicts, as the gateway writes them) as validated rows, and the counts of those skipped by
+    reason: what `load_rows` + `validate_rows` make of the same lines in a file."""
+    if not records:
+        raise ValueError(f"{origin}: no records")
+    return validate_rows(_normalise(pd.DataFrame.from_records(list(records)), "train", origin))
 
 
 def _row_fault(text, llm, sizes, mean, std, capped=None) -> str | None:

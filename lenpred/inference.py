@@ -54,16 +54,24 @@ def predict_rows(model, tokenizer, rows: pd.DataFrame, batch_size: int = 64, pro
 
 
 class MicroBatcher:
-    """One thread runs the model; requests that arrive while it is busy (or within `wait_ms`) share one batch."""
+    """One thread runs the model; requests that arrive while it is busy (or within `wait_ms`) share one batch.
 
-    def __init__(self, model, tokenizer, max_batch: int = 64, wait_ms: float = 0.0):
+    `keep_vectors`: a future's result is (mean, std, bound, prompt vector) instead of (mean, std), and `llm=None`
+    is allowed (the vector only, for an LLM the model does not know yet): what online learning keeps. The model
+    needs `encode_prompts` and `predict_vectors` then. `model` may be replaced while serving (`swap`): each batch
+    runs whole on the model it started with."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 64, wait_ms: float = 0.0, keep_vectors: bool = False):
         self.model, self.tokenizer, self.max_batch, self.wait = model, tokenizer, max_batch, wait_ms / 1000
+        self.keep_vectors = keep_vectors
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="lenpred-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: str, llm: str) -> concurrent.futures.Future:
-        """Future of (mean, std) in tokens for an LLM id the model knows."""
+    def submit(self, prompt: str, llm: str | None) -> concurrent.futures.Future:
+        """Future of (mean, std) in tokens for an LLM id the model knows (see `keep_vectors`)."""
+        if llm is None and not self.keep_vectors:
+            raise ValueError("an LLM id is needed unless the batcher keeps prompt vectors")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._q.put((prompt, llm, fut))
         return fut
@@ -89,9 +97,14 @@ class MicroBatcher:
 
     def _predict(self, batch) -> None:
         prompts = list(dict.fromkeys(p for p, _, _ in batch))
-        llms = list(dict.fromkeys(m for _, m, _ in batch))
+        llms = list(dict.fromkeys(m for _, m, _ in batch if m is not None))
+        model = self.model  # one model for the whole batch, whatever a swap does meanwhile
         try:
-            pred = self.model.predict(prompts, self.tokenizer, llms=llms, batch_size=len(prompts))
+            if self.keep_vectors:
+                vectors = model.encode_prompts(prompts, self.tokenizer, batch_size=len(prompts))
+                pred = model.predict_vectors(vectors, llms) if llms else None
+            else:
+                pred = model.predict(prompts, self.tokenizer, llms=llms, batch_size=len(prompts))
         except Exception as exc:  # one bad prompt must not fail its neighbours: retry one by one
             if len(batch) > 1:
                 for item in batch:
@@ -100,5 +113,10 @@ class MicroBatcher:
                 batch[0][2].set_exception(exc)
             return
         for p, m, fut in batch:
-            i, j = prompts.index(p), llms.index(m)
-            fut.set_result((float(pred.mean[i, j]), float(pred.std[i, j])))
+            i = prompts.index(p)
+            if m is None:
+                fut.set_result((None, None, None, vectors[i]))
+                continue
+            j = llms.index(m)
+            mean, std = float(pred.mean[i, j]), float(pred.std[i, j])
+            fut.set_result((mean, std, float(pred.bound[i, j]), vectors[i]) if self.keep_vectors else (mean, std))

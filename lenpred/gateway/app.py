@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -42,6 +43,13 @@ class _Observed:
         self.histogram.observe(1 if isinstance(prompts, str) else len(prompts))
         return self.predictor.predict(prompts, tokenizer, **kw)
 
+    def encode_prompts(self, prompts, tokenizer, **kw):  # online learning's path: vectors, then heads
+        self.histogram.observe(len(prompts))
+        return self.predictor.encode_prompts(prompts, tokenizer, **kw)
+
+    def predict_vectors(self, vectors, llms):
+        return self.predictor.predict_vectors(vectors, llms)
+
 
 class Gateway:
     """`Gateway(model, tokenizer, GatewayConfig(...))`; `.app` is the ASGI app; `.start()` serves it in a thread
@@ -49,9 +57,12 @@ class Gateway:
 
     `model=None` (or `config.predict=False`) switches prediction off: every request gets the default priority with
     aging. `predictor`: anything with `model.predict`'s signature (a `lenpred.fast` option); default `model`, whose
-    `config` resolves LLM names either way. `clock` is injectable for tests of aging."""
+    `config` resolves LLM names either way. `clock` is injectable for tests of aging.
 
-    def __init__(self, model, tokenizer, config: GatewayConfig, clock=time.monotonic, predictor=None):
+    `config.learn`: online learning (`lenpred.gateway.learning`); `model` is the export every refit starts from,
+    `learnt` (default `model`) the model served until the next refit (a learn dir's export on a restart)."""
+
+    def __init__(self, model, tokenizer, config: GatewayConfig, clock=time.monotonic, predictor=None, learnt=None):
         self.model, self.tokenizer, self.config, self.clock = model, tokenizer, config, clock
         self.upstream = Upstream(config.upstream, config.upstream_timeout, config.request_timeout,
                                  config.max_upstream_connections, config.upstream_keepalive)
@@ -59,12 +70,20 @@ class Gateway:
         self.metrics = Metrics(log_depth=self.log.depth if self.log else None)
         if self.log:
             self.log.on_error = self.metrics.log_errors.inc
-        self.batcher = None
+        self.batcher, self.learner = None, None
+        if config.learn:
+            _check_learning(model, config, predictor)
+            from lenpred.gateway.learning import Learner
+
+            self.learner = Learner(model, tokenizer, config, self.swap_model, served=learnt)
+            model = self.learner.served
+            self.metrics.watch(self.learner)
+        self.model = model
         if config.predict and model is not None:
             from lenpred.inference import MicroBatcher
 
             self.batcher = MicroBatcher(_Observed(predictor or model, self.metrics.batch_size), tokenizer,
-                                        config.max_batch, config.batch_wait_ms)
+                                        config.max_batch, config.batch_wait_ms, keep_vectors=config.learn)
         self._names: dict[str, str | None] = {}
         self.draining = False
         self.started = clock()
@@ -81,13 +100,31 @@ class Gateway:
 
         from lenpred.hub import load_export
 
+        if config.learn and backend != "torch":
+            raise ValueError(f"--learn refits the model while it serves, which the {backend!r} backend's built files "
+                             "cannot follow: use --backend torch")
         model, tokenizer = load_export(path, device=device)
         predictor = None
         if backend != "torch" and config.predict:
             from lenpred.fast import build_option
 
             predictor = build_option(backend, model, tokenizer, workdir or Path(path) / "fast", threads=threads)
-        return cls(model, tokenizer, config, predictor=predictor)
+        learnt = None
+        if config.learn and config.learn_dir and (Path(config.learn_dir) / "config.json").exists():
+            learnt = load_export(config.learn_dir, device=device)[0]  # what the gateway served when it stopped
+        gw = cls(model, tokenizer, config, predictor=predictor, learnt=learnt)
+        if gw.learner is not None:
+            remembered = gw.learner.restore(config.log_path)
+            logger.info("online learning: %d logged answer(s) remembered%s", remembered,
+                        f", serving {config.learn_dir}" if learnt is not None else "")
+            gw.learner.start()
+        return gw
+
+    def swap_model(self, model) -> None:
+        """Serve `model` from the next prediction batch on (online learning's refits)."""
+        self.model, self._names = model, {}
+        if self.batcher is not None:
+            self.batcher.model = _Observed(model, self.metrics.batch_size)
 
     # -- running in-process -------------------------------------------------------------------------------------
     def start(self) -> "Gateway":
@@ -115,6 +152,8 @@ class Gateway:
         self.close_resources()
 
     def close_resources(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
@@ -142,19 +181,21 @@ class Gateway:
             return llm
         return self._names[name]
 
-    async def predict(self, prompt: str | None, llm: str | None) -> tuple[float | None, float | None]:
-        """(mean, std) in tokens, or (None, None): use the default priority."""
-        if self.batcher is None or prompt is None or llm is None:
-            return None, None
+    async def predict(self, prompt: str | None, llm: str | None) -> tuple:
+        """(mean, std, bound, prompt vector): mean and std in tokens, or None: use the default priority; the bound
+        and the vector only when learning (then an LLM the model does not know still gets its vector)."""
+        if self.batcher is None or prompt is None or (llm is None and self.learner is None):
+            return None, None, None, None
         t0 = time.perf_counter()
         try:  # shielded: a request cancelled meanwhile must not cancel the batcher's future under it
-            mean, std = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.batcher.submit(prompt, llm))),
-                                               PREDICTION_TIMEOUT)
+            got = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.batcher.submit(prompt, llm))),
+                                         PREDICTION_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - a failed prediction costs the request its priority, not its answer
             logger.warning("prediction failed, default priority used: %r", exc)
-            return None, None
-        self.metrics.prediction_seconds.observe(time.perf_counter() - t0)
-        return mean, std
+            return None, None, None, None
+        if llm is not None:
+            self.metrics.prediction_seconds.observe(time.perf_counter() - t0)
+        return got if len(got) == 4 else (*got, None, None)
 
     def upstream_failed(self, err, path: str) -> None:
         """Count an upstream failure, and say what it was (as a proxy's error log does)."""
@@ -180,7 +221,7 @@ class Gateway:
         else:
             total, source = tally.chunks, "chunks"
         actual, cfg = total / ask.n, self.config
-        self.log.write({
+        record = {
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             "endpoint": ask.endpoint, "model": ask.model, "prompt_text": ask.prompt,
             "input_size": usage.get("prompt_tokens"),
@@ -188,8 +229,37 @@ class Gateway:
             "predicted_mean": ask.mean, "predicted_std": ask.std, "priority": ask.priority,
             "latency_s": round(time.monotonic() - ask.arrived, 6), "stream": ask.stream, "usage_source": source,
             "finish_reasons": tally.finish_reasons(ask.n), "max_tokens": ask.max_tokens,
-            "flagged": is_flagged(ask.mean, actual, cfg.flag_tokens, cfg.flag_fraction, cfg.flag_rule)})
+            "flagged": is_flagged(ask.mean, actual, cfg.flag_tokens, cfg.flag_fraction, cfg.flag_rule)}
+        self.log.write(record)
         self.metrics.log_records.inc()
+        if self.learner is not None and isinstance(ask.model, str):
+            self.learner.observe(record, ask.vector, ask.bound)
+
+    async def llms_endpoint(self, request: Request) -> Response:
+        """`GET /llms`: the LLMs predicted for, and with `--learn` what each has learnt and how it scores."""
+        known = list(self.model.config.llm_names) if self.model is not None else []
+        body = {"learning": self.learner is not None, "predicted": known,
+                "llms": self.learner.llms() if self.learner is not None else {}}
+        return Response(json.dumps(body).encode(), 200, media_type="application/json")
+
+
+def _check_learning(model, config: GatewayConfig, predictor) -> None:
+    """Online learning's preconditions, each a clear error before serving."""
+    if model is None or not config.predict:
+        raise ValueError("--learn needs a model and prediction on (it refits the model's LLMs)")
+    if not config.log_path:
+        raise ValueError("--learn needs --log: the request log is what a restart rebuilds the learner from")
+    if predictor is not None:
+        raise ValueError("--learn refits the model while it serves, which a prebuilt predictor backend cannot "
+                         "follow: use the torch backend")
+    for name in ("learn_every", "learn_min_answers", "learn_memory", "learn_window"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.learn_memory < config.learn_min_answers or config.learn_interval < 0:
+        raise ValueError("--learn-memory must hold --learn-min-answers answers, and --learn-interval be >= 0")
+    if not hasattr(model, "encode_prompts"):
+        raise ValueError("--learn needs a model with encode_prompts / predict_vectors (re-export it with this "
+                         "version)")
 
 
 def build_app(gateway: Gateway) -> Starlette:
@@ -206,5 +276,6 @@ def build_app(gateway: Gateway) -> Starlette:
 
     return Starlette(routes=[Route("/health", gateway.health, methods=["GET"]),
                              Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+                             Route("/llms", gateway.llms_endpoint, methods=["GET"]),
                              Route("/{path:path}", ProxyEndpoint(gateway), methods=METHODS)],
                      lifespan=lifespan)

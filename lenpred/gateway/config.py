@@ -31,3 +31,10 @@ class GatewayConfig:
     max_upstream_connections: int = 0          # 0: no limit
     upstream_keepalive: float = 4.0            # seconds an idle upstream connection is kept (vLLM drops it at 5)
     access_log: bool = False                   # uvicorn's access log (one line per request)
+    learn: bool = False                        # refit each LLM from its answers while serving (needs log_path)
+    learn_every: int = 50                      # new answers of an LLM between two refits of it
+    learn_interval: float = 30.0               # seconds at least between two refits of one LLM
+    learn_min_answers: int = 50                # answers before an LLM's first refit (until then: as it was)
+    learn_memory: int = 20000                  # newest answers (and prompt vectors) remembered per LLM
+    learn_window: int = 500                    # newest answers per LLM the prequential scores cover
+    learn_dir: str | None = None               # a loadable export after each refit (a symlink, switched atomically)

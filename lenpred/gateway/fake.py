@@ -90,8 +90,9 @@ class FakeUpstream:
         if self.status != 200:
             return _json(self.status, {"error": {"message": "boom", "type": "server_error"}})
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        n_tok = min(self.tokens, cap) if isinstance(cap, int) and cap > 0 else self.tokens
-        reason = "length" if n_tok < self.tokens else "stop"
+        wants = self.tokens(body) if callable(self.tokens) else self.tokens  # a length per request (tests)
+        n_tok = min(wants, cap) if isinstance(cap, int) and cap > 0 else wants
+        reason = "length" if n_tok < wants else "stop"
         chat = request.url.path.endswith("/chat/completions")
         if not body.get("stream"):
             choice = ({"index": 0, "message": {"role": "assistant", "content": "hi"}} if chat else

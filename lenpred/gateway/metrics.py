@@ -41,6 +41,42 @@ class Metrics:
         depth = Gauge(PREFIX + "log_queue_depth", "Log records not yet written", registry=r)
         depth.set_function(log_depth or (lambda: 0))
 
+    def watch(self, learner) -> None:
+        """Online learning's per-LLM series, read from `learner.llms()` at each scrape: `learn_refits_total`,
+        `learn_last_refit_timestamp_seconds`, `learn_answers_remembered` and the prequential `learn_mae`,
+        `learn_kendall_tau`, `learn_bound_coverage`, `learn_capped_share` over the sliding window."""
+        self.registry.register(_LearnerCollector(learner))
+
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the text exposition format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _LearnerCollector:
+    def __init__(self, learner):
+        self.learner = learner
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        llms = self.learner.llms()
+        refits = CounterMetricFamily(PREFIX + "learn_refits", "Refits of each LLM's own parameters", labels=["llm"])
+        gauges = {key: GaugeMetricFamily(PREFIX + name, text, labels=["llm"]) for key, name, text in (
+            ("last_refit", "learn_last_refit_timestamp_seconds", "Unix time of the LLM's last refit"),
+            ("answers_remembered", "learn_answers_remembered", "Answers (and prompt vectors) remembered"),
+            ("mae", "learn_mae", "Prequential MAE of the predicted mean (tokens), answers not cut short"),
+            ("tau", "learn_kendall_tau", "Prequential Kendall tau-b of predicted vs actual length"),
+            ("coverage", "learn_bound_coverage", "Prequential share of answers within the predicted bound"),
+            ("capped_share", "learn_capped_share", "Share of answers cut short by max_tokens"))}
+        for llm, info in llms.items():
+            refits.add_metric([llm], info["refits"])
+            values = {**info["prequential"], "last_refit": info["last_refit"],
+                      "answers_remembered": info["answers_remembered"]}
+            for key, family in gauges.items():
+                if values.get(key) is not None:
+                    family.add_metric([llm], values[key])
+        yield refits
+        yield from gauges.values()
+
+    def describe(self):
+        return []

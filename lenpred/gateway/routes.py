@@ -36,7 +36,7 @@ class Ask:
     """What the gateway knows of one priority-path request, for its log record."""
 
     __slots__ = ("endpoint", "model", "prompt", "mean", "std", "priority", "stream", "n", "client_usage",
-                 "max_tokens", "arrived")
+                 "max_tokens", "arrived", "bound", "vector")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -199,7 +199,7 @@ class ProxyEndpoint:
         gw, cfg = self.gw, self.gw.config
         prompt = prompt_of(endpoint, body, cfg.chat_prompt)
         llm = gw.resolve(body.get("model"))
-        mean, std = await gw.predict(prompt, llm)
+        mean, std, bound, vector = await gw.predict(prompt, llm)
         own = client_priority(body) if cfg.keep_client_priority else None
         body["priority"] = own if own is not None else compute_priority(mean, since_start, cfg.default_priority,
                                                                          cfg.aging_rate)
@@ -211,7 +211,8 @@ class ProxyEndpoint:
         n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
         return Ask(endpoint=endpoint, model=llm or body.get("model"), prompt=prompt, mean=mean, std=std,
                    priority=body["priority"], stream=stream, n=n, max_tokens=max_tokens_of(body),
-                   client_usage=stream and bool(options.get("include_usage")), arrived=arrived)
+                   client_usage=stream and bool(options.get("include_usage")), arrived=arrived, bound=bound,
+                   vector=vector)
 
 
 async def _watch(receive, on_disconnect) -> None:
