@@ -85,6 +85,7 @@ class GatewaySpec:
     port: int | None = None
     threads: int | None = 1       # OMP_NUM_THREADS: on a small CPU box the predictor must not crowd vLLM's core
     cpus: tuple[int, ...] | None = None  # pin the gateway to these CPUs (e.g. the one vLLM's CPU build reserves)
+    extra_args: tuple[str, ...] = ()  # more `lenpred gateway` flags (e.g. --learn ...)
 
     def command(self, port: int) -> list[str]:
         cmd = [self.python, "-m", "lenpred.cli", "gateway", "--model", self.export, "--upstream", self.upstream,
@@ -97,7 +98,7 @@ class GatewaySpec:
                 if flag not in gateway_flags(self.python):
                     raise RuntimeError(f"this gateway has no {flag} (the ASGI gateway adds it)")
                 cmd.append(flag)
-        return cmd
+        return cmd + list(self.extra_args)
 
 
 @lru_cache(maxsize=None)

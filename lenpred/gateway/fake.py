@@ -34,7 +34,8 @@ class _Reset(Exception):
 
 
 class FakeUpstream:
-    """The fake server: `.app` (ASGI), or `.start()` in a thread (`.url`, `.close()`); switches as attributes."""
+    """The fake server: `.app` (ASGI), or `.start()` in a thread (`.url`, `.close()`); switches as attributes.
+    `tokens`: the answer length, or a function of the request body giving one per request."""
 
     def __init__(self, tokens: int = 5, token_rate: float = 0.0, status: int = 200, usage_in_stream: bool = True,
                  models=("meta-llama/Llama-3.2-1B-Instruct",)):
