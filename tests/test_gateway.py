@@ -149,7 +149,8 @@ def test_stream_is_relayed_live(upstream, make_gateway):
     assert len(rest) == TOKENS - 1 + 1  # the other content events, then [DONE]
 
 
-@pytest.mark.parametrize("raw, status", [(b"{not json", 400), (b"[1, 2]", 400), (b"", 400), (b"\xff\xfe", 400)])
+@pytest.mark.parametrize("raw, status", [(b"{not json", 400), (b"[1, 2]", 400), (b"", 400), (b"\xff\xfe", 400),
+                                         (b'{"model": "m", "messages": 5}', 400), (b'{"model": "m"}', 400)])
 def test_bad_body_is_400(upstream, make_gateway, raw, status):
     gw = make_gateway(upstream.url)
     resp = post(gw.url, raw)

@@ -132,6 +132,8 @@ class ProxyEndpoint:
                 body = json.loads(raw)
                 if not isinstance(body, dict):
                     raise ValueError("the request body must be a JSON object")
+                if endpoint.endswith("/chat/completions") and not isinstance(body.get("messages"), list):
+                    raise ValueError("'messages' must be a list of messages")
             except ValueError as exc:
                 await _reply(send, 400, error_body(400, f"Invalid JSON body: {exc}", "invalid_request_error"))
                 return 400
