@@ -63,10 +63,6 @@ class LenPredConfig(PretrainedConfig):
         use_prompt_length (`bool`): feed `log1p(prompt tokens)` to the MLP (longer prompts, longer code answers).
         full_prompt_length (`bool`): count the prompt's tokens before truncation (passed as `prompt_length`), so the
             feature still tells a 300-token prompt from a 3,000-token one; `False` counts the tokens the encoder sees.
-        llm_length_heads (`bool`): give every LLM its own correction of the mean/std head, a linear read of the MLP
-            module's output added to the shared head's; zero for LLMs trained with the shared head alone, so their
-            predictions stay what they were. `train.py --init-from EXPORT --adapt llm-head` learns it for the
-            logged LLMs beside their embedding rows.
         bin_loss_weight, mean_loss_weight, std_loss_weight (`float`): weights of the three loss terms.
         reservation_quantile (`float`): quantile of one answer's length used as the memory-reservation bound.
         bound_offsets (`dict[str, list[float]]`, *optional*): per quantile (key `f"{q:g}"`), one offset per LLM
@@ -103,7 +99,6 @@ class LenPredConfig(PretrainedConfig):
     target_transform: str = "log1p"
     use_prompt_length: bool = True
     full_prompt_length: bool = False
-    llm_length_heads: bool = False
     bin_loss_weight: float = 1.0
     mean_loss_weight: float = 1.0
     std_loss_weight: float = 0.5

@@ -70,9 +70,7 @@ class LenPredPreTrainedModel(PreTrainedModel):
         stacks four linear layers with no normalisation between them: at std 0.02 its output would be constant and
         its gradients vanish, so those layers keep PyTorch's fan-in scaled init and the LLM table a unit normal."""
         if getattr(module, "_lenpred_head", False):
-            if module is getattr(self, "llm_length_delta", None):  # no correction until an LLM learns one
-                init.zeros_(module.weight)
-            elif isinstance(module, nn.Embedding):
+            if isinstance(module, nn.Embedding):
                 init.normal_(module.weight, mean=0.0, std=1.0)
             else:
                 bound = 1.0 / math.sqrt(module.weight.shape[1])
@@ -103,11 +101,7 @@ class LenPredModel(LenPredPreTrainedModel):
         )
         self.bin_head = nn.Linear(config.head_hidden_dim, config.num_bins)
         self.length_head = nn.Linear(config.head_hidden_dim, 2)  # log1p(mean), log1p(std)
-        heads = [self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head]
-        if config.llm_length_heads:  # each LLM's correction of the length head, flattened (mean row, std row)
-            self.llm_length_delta = nn.Embedding(max(config.num_llms, 1), 2 * config.head_hidden_dim)
-            heads.append(self.llm_length_delta)
-        for layer in heads:
+        for layer in (self.reduce, self.llm_embedding, self.mlp[0], self.mlp[3], self.bin_head, self.length_head):
             layer._lenpred_head = True
         self.post_init()
 
@@ -150,19 +144,14 @@ class LenPredModel(LenPredPreTrainedModel):
             vector = torch.cat([vector, torch.log1p(n_tokens) / LENGTH_FEATURE_SCALE], dim=-1)
         return vector
 
-    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor, llm_table: torch.Tensor | None = None,
-              delta_table: torch.Tensor | None = None):
+    def heads(self, prompt_vector: torch.Tensor, llm_ids: torch.Tensor, llm_table: torch.Tensor | None = None):
         """Predictions for `llm_ids` of shape (batch, n_llms) from prompt vectors (batch, d): no encoder work.
-        `llm_table` / `delta_table` stand in for the LLM embedding's / length-head corrections' weights (adapting
-        one LLM learns through them)."""
+        `llm_table` stands in for the LLM embedding's weight (adapting one LLM's row learns through it)."""
         n = llm_ids.shape[1]
         table = self.llm_embedding.weight if llm_table is None else llm_table
         joined = torch.cat([prompt_vector.unsqueeze(1).expand(-1, n, -1), F.embedding(llm_ids, table)], dim=-1)
         hidden = self.mlp(joined)
         raw = self.length_head(hidden)
-        if self.config.llm_length_heads:  # a zero correction adds exactly nothing
-            table = self.llm_length_delta.weight if delta_table is None else delta_table
-            raw = raw + (F.embedding(llm_ids, table).unflatten(-1, (2, -1)) * hidden.unsqueeze(-2)).sum(-1)
         # softplus keeps log1p(tokens) positive, so the std is positive and the mean at least zero.
         log_mean, log_std = F.softplus(raw[..., 0]), F.softplus(raw[..., 1])
         return self.bin_head(hidden), log_mean, log_std
@@ -312,7 +301,6 @@ class LenPredModel(LenPredPreTrainedModel):
                                       progress, quantile=quantile)
         finally:
             self.train(was_training)
-
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: str | Sequence[str], tokenizer, batch_size: int = 64,

@@ -155,8 +155,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--full-lr", type=float, default=2e-5,
                     help="encoder learning rate of --adapt full (the heads' is 10x): a fifth of training's, so one "
                          "epoch refines the model rather than retraining it")
-    ap.add_argument("--modes", default="llm", help="row-fitting --adapt modes to score, comma-separated "
-                    "(llm, llm-head)")
     ap.add_argument("--cap", type=int, default=300, help="max_tokens of the cut-short log (N = 200)")
     ap.add_argument("--cache-dir", help="kNN embedding cache (default ~/.cache/lenpred)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "adaptation"), help="folder for results.json / .md")
@@ -179,9 +177,6 @@ def main(argv=None) -> dict:
         raise SystemExit("--held-out-model must not know the --llms, and --full-model must know them all")
     sizes = [n if n == "all" else int(n) for n in args.n.split(",")]
     seeds = [int(s) for s in args.log_seeds.split(",")]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"llm", "llm-head"}:
-        ap.error(f"--modes takes llm and/or llm-head, got {args.modes!r}")
     known = list(base.config.llm_names)
     # the held-out model's own dev split (train.py, seed 42): the held-out LLMs' dev prompts are those, their
     # training prompts (what the logs are drawn from) the rest of the pool
@@ -215,17 +210,14 @@ def main(argv=None) -> dict:
                 sibling, rep = adapt(base, tokenizer, log, mode="sibling", vectors_of=cache)
                 run["sibling"], run["sibling_name"] = scores(predict(cached(sibling), tokenizer, target)), rep.siblings[llm]
                 run["knn"] = scores(knn_rows(log, target, embeddings))
-                run["seconds"], run["prior"], unchanged = {}, {}, []
-                for mode in modes:
-                    began = time.time()
-                    adapted, rep = adapt(base, tokenizer, log, mode=mode, vectors_of=cache)
-                    run["seconds"][mode] = round(time.time() - began, 1)
-                    run["prior"][mode] = [rep.prior, rep.head_prior]
-                    run[mode] = scores(predict(cached(adapted), tokenizer, target))
-                    after = predict(cached(adapted), tokenizer, others_before[known_cols(others_before)])
-                    unchanged.append(all(np.array_equal(np.stack(after[c]), np.stack(others_before[c]))
-                                         for c in ("pred_mean", "pred_std", "pred_bound", "pred_bin_probs")))
-                run["others_bitwise_unchanged"] = all(unchanged)
+                began = time.time()
+                adapted, rep = adapt(base, tokenizer, log, vectors_of=cache)
+                run["seconds"], run["prior"] = round(time.time() - began, 1), rep.prior
+                run["llm"] = scores(predict(cached(adapted), tokenizer, target))
+                after = predict(cached(adapted), tokenizer, others_before[known_cols(others_before)])
+                run["others_bitwise_unchanged"] = all(
+                    np.array_equal(np.stack(after[c]), np.stack(others_before[c]))
+                    for c in ("pred_mean", "pred_std", "pred_bound", "pred_bin_probs"))
                 if n == args.full_n and seed == seeds[0]:
                     tuned, _ = load_export(full_finetune(args.held_out_model, log, args.full_epochs, args.full_lr,
                                                          workdir / f"{llm.replace('/', '--')}-{n}"))
@@ -234,9 +226,8 @@ def main(argv=None) -> dict:
                     run["others_after_full"] = {m: scores(tuned_others[tuned_others["llm"] == m]) for m in known}
                 res["runs"].append(run)
                 print(f"  N={n} seed={seed}: sibling {run['sibling_name']} MAE {run['sibling']['mae']:.1f} "
-                      f"tau {run['sibling']['tau']:.3f} | " + " | ".join(
-                          f"{m} MAE {run[m]['mae']:.1f} tau {run[m]['tau']:.3f} ({run['seconds'][m]} s)"
-                          for m in modes) + f" | kNN MAE {run['knn']['mae']:.1f}", flush=True)
+                      f"tau {run['sibling']['tau']:.3f} | llm MAE {run['llm']['mae']:.1f} tau {run['llm']['tau']:.3f}"
+                      f" ({run['seconds']} s) | kNN MAE {run['knn']['mae']:.1f}", flush=True)
         for seed in seeds:  # the cut-short log: three ways to read it
             log = make_log(pool, 200, seed, cap=args.cap)
             cut = log["output_capped"].map(bool)
@@ -262,15 +253,15 @@ def known_cols(frame: pd.DataFrame) -> list[str]:
     return [c for c in frame.columns if not c.startswith("pred_")]
 
 
-METHODS = (("sibling", "sibling transfer"), ("knn", "kNN on the log"), ("llm", "--adapt llm (row only)"),
-           ("llm-head", "--adapt llm-head"), ("full", "--adapt full"))
+METHODS = (("sibling", "sibling transfer"), ("knn", "kNN on the log"), ("llm", "--adapt llm (default)"),
+           ("full", "--adapt full"))
 
 
 def command(args) -> str:
     ceiling = (f" --full-model {args.full_model}" if args.full_model else
                f" --full-report {args.full_report}" if args.full_report else "")
     return (f"python benchmarks/adapt_new_llm.py --held-out-model {args.held_out_model}{ceiling} --split {args.split} "
-            f"--n {args.n} --modes {args.modes} --full-n {args.full_n}")
+            f"--n {args.n} --full-n {args.full_n}")
 
 
 def render(result: dict, args) -> str:
@@ -296,14 +287,11 @@ def render(result: dict, args) -> str:
                           f"{w['mae']:.1f}", f"{w['acc500']:.1f}", f"{w['tau']:.3f}", mean_std([w["coverage"]])])
         lines += [table_md(["N", "method", "MAE", "acc@500", "τ", "bound coverage"], table), ""]
         siblings = sorted({r["sibling_name"] for r in res["runs"]})
-        modes = [m for m in ("llm", "llm-head") if any(m in r for r in res["runs"])]
-        secs = "; ".join(f"N = {n}: " + ", ".join(
-            f"`--adapt {m}` {mean_std([r['seconds'][m] for r in res['runs'] if r['n'] == n])} s" for m in modes)
-            for n in dict.fromkeys(r["n"] for r in res["runs"]))
-        lines += [f"Siblings chosen: {', '.join(siblings)}. Time per adaptation on cached prompt vectors (5-fold "
-                  f"choice of the priors, fit, calibration), 2 CPU cores: {secs}. Other LLMs bitwise unchanged by "
-                  f"{' and '.join(f'`--adapt {m}`' for m in modes)} in every run: "
-                  f"{all(r['others_bitwise_unchanged'] for r in res['runs'])}.", ""]
+        secs = "; ".join(f"N = {n}: {mean_std([r['seconds'] for r in res['runs'] if r['n'] == n])} s"
+                         for n in dict.fromkeys(r["n"] for r in res["runs"]))
+        lines += [f"Siblings chosen: {', '.join(siblings)}. `--adapt llm` on cached prompt vectors (5-fold choice of "
+                  f"the prior, fit, calibration), 2 CPU cores: {secs}. Other LLMs bitwise unchanged by `--adapt llm` "
+                  f"in every run: {all(r['others_bitwise_unchanged'] for r in res['runs'])}.", ""]
         if res["capped"]:
             lines += [f"Cut-short log (N = 200, max_tokens {args.cap}: "
                       f"{100 * np.mean([c['cut_share'] for c in res['capped']]):.0f} % of answers cut; `--adapt llm`):",
@@ -336,23 +324,18 @@ def bar_checks(result: dict) -> list[str]:
             return "met" if ok else "missed"
 
         smae, stau = avg(200, "sibling", "mae"), avg(200, "sibling", "tau")
-        for mode in ("llm", "llm-head"):
-            mae, tau = avg(200, mode, "mae"), avg(200, mode, "tau")
-            if mae is None:
-                continue
-            if result["split"] == "dev":
-                lines.append(f"- {llm}, N = 200, `--adapt {mode}` (rule 1): MAE {mae:.1f} vs 0.92 × sibling "
-                             f"{0.92 * smae:.1f} ({verdict(mae <= 0.92 * smae)}); τ {tau:.3f} vs sibling + 0.03 = "
-                             f"{stau + 0.03:.3f} ({verdict(tau >= stau + 0.03)})")
-            else:
-                row = avg(200, "llm", "mae")
-                lines.append(f"- {llm}, N = 200, `--adapt {mode}`: MAE {mae:.1f} vs row only {row:.1f} "
-                             f"({verdict(mae <= row + 1e-9)}); τ {tau:.3f} vs sibling {stau:.3f} "
-                             f"({verdict(tau >= stau)})")
+        mae, tau = avg(200, "llm", "mae"), avg(200, "llm", "tau")
+        if mae is not None and result["split"] == "dev":
+            lines.append(f"- {llm}, N = 200, `--adapt llm` (rule 1): MAE {mae:.1f} vs 0.92 × sibling "
+                         f"{0.92 * smae:.1f} ({verdict(mae <= 0.92 * smae)}); τ {tau:.3f} vs sibling + 0.03 = "
+                         f"{stau + 0.03:.3f} ({verdict(tau >= stau + 0.03)})")
+        elif mae is not None:
+            lines.append(f"- {llm}, N = 200, `--adapt llm`: τ {tau:.3f} vs sibling {stau:.3f} "
+                         f"({verdict(tau >= stau)})")
         w = res.get("with_it_from_start")
         if w is None or result["split"] != "test":
             continue
-        for mode in ("llm", "llm-head", "full"):
+        for mode in ("llm", "full"):
             mae, tau, sib = avg(1000, mode, "mae"), avg(1000, mode, "tau"), avg(1000, "sibling", "tau")
             if mae is None:
                 continue

@@ -10,13 +10,10 @@
   so the others' predictions stay bitwise the same. The prompts are encoded once, so it takes seconds: the rows
   fit the model's own loss on the cached prompt vectors, pulled towards their start by an L2 prior whose strength
   is chosen by cross-validation over the log's prompts (the log is all a user has; nothing else is peeked at).
-- `llm-head`: as `llm`, and each logged LLM also learns its own correction of the shared mean/std head (a linear
-  read of the MLP module's output, `config.llm_length_heads`), pulled towards zero by a second cross-validated
-  prior.
 - `full` (train.py, with the Trainer): every weight learns, on the logs beside a replay of the original training
   pool so the other LLMs keep being taught what they knew.
 
-In `sibling`, `llm` and `llm-head` modes the adapted LLMs' reservation-bound offsets are refitted by split conformal on their
+In `sibling` and `llm` modes the adapted LLMs' reservation-bound offsets are refitted by split conformal on their
 own log answers, predicted by models that did not see them (the cross-validation folds); an answer cut short by
 its `max_tokens` counts as not covered, whatever the bound (its length is unknown beyond the cap).
 """
@@ -36,18 +33,12 @@ from lenpred.calibration import QUANTILES, answer_scores, conformal_offset
 from lenpred.examples import group_by_prompt
 
 __all__ = ["ADAPT_MODES", "AdaptationReport", "sibling_fit", "choose_siblings", "extend_llms", "splice_llm",
-           "fit_llm_rows", "adapt", "default_mode", "MIN_CALIBRATION_ANSWERS", "HEAD_FROM_PROMPTS"]
+           "fit_llm_rows", "adapt", "MIN_CALIBRATION_ANSWERS"]
 
 logger = logging.getLogger(__name__)
-ADAPT_MODES = ("llm", "llm-head", "sibling", "full")
+ADAPT_MODES = ("llm", "sibling", "full")
 #: Prior strengths tried by the cross-validation (0: no pull towards the starting row).
 PRIOR_GRID = (0.0, 0.01, 0.1, 1.0)
-#: `llm-head` mode: strengths of the pull of a length-head correction towards zero (× its squared norm).
-HEAD_PRIOR_GRID = (0.1, 1.0, 10.0, 100.0)
-#: `default_mode`: from this many logged prompts of an LLM on, it also learns its own length head (`llm-head`);
-#: below, its row alone (`llm`). None: the row alone at any size. Chosen from the learning curve
-#: (docs/adaptation.md).
-HEAD_FROM_PROMPTS: int | None = None
 #: An adapted LLM with fewer log answers than this keeps its starting row's bound offsets (logged).
 MIN_CALIBRATION_ANSWERS = 20
 
@@ -62,7 +53,6 @@ class AdaptationReport:
     siblings: dict[str, str] = field(default_factory=dict)     # new LLM -> the known LLM its row started from
     sibling_losses: dict[str, dict[str, float]] = field(default_factory=dict)  # new LLM -> loss of each known one
     prior: float | None = None
-    head_prior: float | None = None                             # llm-head mode
     cv_loss: dict[str, float] = field(default_factory=dict)     # prior -> mean held-out loss over the folds
     prompts: int = 0
     calibrated: dict[str, str] = field(default_factory=dict)   # LLM -> "fitted on N answers" or why not
@@ -75,8 +65,8 @@ def _labels(ds, key: str, n_llms: int) -> torch.Tensor | None:
     return torch.tensor(np.asarray(ds[key], dtype=np.float32).reshape(len(ds), n_llms))
 
 
-def _loss(model, vectors, ids, labels, tables=(None, None)) -> torch.Tensor:
-    bin_logits, log_mean, log_std = model.heads(vectors, ids, *tables)
+def _loss(model, vectors, ids, labels, table=None) -> torch.Tensor:
+    bin_logits, log_mean, log_std = model.heads(vectors, ids, llm_table=table)
     mean, std, floor = labels
     return model.loss(bin_logits, log_mean, log_std, mean, std, ids.shape, labels_mean_floor=floor)
 
@@ -126,44 +116,34 @@ def _encode(model, tokenizer, rows: pd.DataFrame, progress: bool = False, vector
     return ds, vectors, labels, llms
 
 
-def extend_llms(model, start_rows: dict[str, str], length_heads: bool = False):
+def extend_llms(model, start_rows: dict[str, str]):
     """A copy of `model` that also knows the LLMs of `start_rows` (new LLM -> known LLM it starts as): their
-    embedding rows, length-head corrections and bound offsets are copies of the known ones'. `length_heads`: give
-    the copy per-LLM length-head corrections (zero for the LLMs it knew) if it has none. Every existing weight is
-    copied unchanged."""
+    embedding rows and bound offsets are copies of the known ones'. Every existing weight is copied unchanged."""
     config = model.config
     new = [n for n in start_rows if n not in config.llm_names]
-    add_heads = length_heads and not config.llm_length_heads
-    if not new and not add_heads:
+    if not new:
         return copy.deepcopy(model)
     source = [config.llm_index(start_rows[n]) for n in new]
     offsets = {q: list(v) + [v[i] for i in source] for q, v in (config.bound_offsets or {}).items()}
     extended = type(model)(type(config)(**{**config.to_dict(), "llm_names": list(config.llm_names) + new,
-                                             "bound_offsets": offsets or None,
-                                             "llm_length_heads": config.llm_length_heads or length_heads}))
+                                             "bound_offsets": offsets or None}))
     state = model.state_dict()
-    if add_heads:
-        state["llm_length_delta.weight"] = torch.zeros(config.num_llms, 2 * config.head_hidden_dim)
-    for key in ("llm_embedding.weight", "llm_length_delta.weight"):
-        if key in state:
-            state[key] = torch.cat([state[key], state[key][source].clone()])
+    table = state["llm_embedding.weight"]
+    state["llm_embedding.weight"] = torch.cat([table, table[source].clone()])
     extended.load_state_dict(state)
     return extended.to(model.device).train(model.training)
 
 
 def splice_llm(target, source, llm: str):
-    """A copy of `target` that holds `source`'s parameters for `llm` (embedding row, length-head correction, bound
-    offsets), adding `llm` when `target` does not know it. Both must come from one export (every shared weight
-    equal): the other LLMs' parameters stay bitwise `target`'s."""
+    """A copy of `target` that holds `source`'s parameters for `llm` (embedding row, bound offsets), adding `llm`
+    when `target` does not know it. Both must come from one export (every shared weight equal): the other LLMs'
+    parameters stay bitwise `target`'s."""
     config = target.config
     start = {} if llm in config.llm_names else {llm: config.llm_names[0]}  # a placeholder row, overwritten below
-    out = extend_llms(target, start, length_heads=bool(source.config.llm_length_heads))
+    out = extend_llms(target, start)
     i, j = out.config.llm_index(llm), source.config.llm_index(llm)
     with torch.no_grad():
         out.llm_embedding.weight[i] = source.llm_embedding.weight[j]
-        if out.config.llm_length_heads:  # a row-only fit after a head fit: no correction any more
-            out.llm_length_delta.weight[i] = (source.llm_length_delta.weight[j] if source.config.llm_length_heads
-                                              else 0.0)
     fitted = source.config.bound_offsets or {}
     for q, values in (out.config.bound_offsets or {}).items():
         if q in fitted:
@@ -171,38 +151,27 @@ def splice_llm(target, source, llm: str):
     return out
 
 
-def default_mode(n_prompts: int) -> str:
-    """The per-LLM mode for an LLM with `n_prompts` logged prompts (see `HEAD_FROM_PROMPTS`)."""
-    return "llm-head" if HEAD_FROM_PROMPTS is not None and n_prompts >= HEAD_FROM_PROMPTS else "llm"
-
-
 def fit_llm_rows(model, vectors: torch.Tensor, labels, llm_ids: list[int], prior: float, steps: int = 200,
-                 lr: float = 0.05, head_prior: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(embedding rows, length-head corrections or None) of `llm_ids` that minimise the model's loss on `labels`
-    ((n, len(llm_ids)) each) from frozen prompt vectors, plus `prior` × the rows' mean squared distance to their
-    start and, with `head_prior`, `head_prior` × each correction's squared distance to its start (full-batch Adam,
-    on one thread: these small steps lose more to thread hand-offs than they gain)."""
+                 lr: float = 0.05) -> torch.Tensor:
+    """The embedding rows of `llm_ids` that minimise the model's loss on `labels` ((n, len(llm_ids)) each) from
+    frozen prompt vectors, plus `prior` × the squared distance to their starting rows (full-batch Adam, on one
+    thread: these small steps lose more to thread hand-offs than they gain). Returns the rows."""
     start = model.llm_embedding.weight.detach()[llm_ids].clone()
-    params = [torch.nn.Parameter(start.clone())]
-    if head_prior is not None:
-        head_start = model.llm_length_delta.weight.detach()[llm_ids].clone()
-        params.append(torch.nn.Parameter(head_start.clone()))
+    rows = torch.nn.Parameter(start.clone())
     ids = torch.tensor(llm_ids).expand(len(vectors), -1)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam([rows], lr=lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = _loss(model, vectors, ids, labels, _tables(model, llm_ids, *params))
-            loss = loss + prior * ((params[0] - start) ** 2).mean()
-            if head_prior is not None:
-                loss = loss + head_prior * ((params[1] - head_start) ** 2).sum(-1).mean()
+            table = _with_rows(model, llm_ids, rows)
+            loss = _loss(model, vectors, ids, labels, table) + prior * ((rows - start) ** 2).mean()
             loss.backward()
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    return params[0].detach(), params[1].detach() if head_prior is not None else None
+    return rows.detach()
 
 
 def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
@@ -215,13 +184,12 @@ def _subset(labels, idx):
 
 
 def adapt(model, tokenizer, rows: pd.DataFrame, mode: str = "llm", folds: int = 5, seed: int = 0,
-          priors=PRIOR_GRID, quantiles=QUANTILES, progress: bool = False, head_priors=HEAD_PRIOR_GRID,
-          vectors_of=None):
+          priors=PRIOR_GRID, quantiles=QUANTILES, progress: bool = False, vectors_of=None):
     """(adapted model, `AdaptationReport`) for the LLMs that `rows` (normalised log rows, `lenpred.data`) name, in
-    `sibling`, `llm` or `llm-head` mode (see the module docstring). The input model is left as it is.
+    `sibling` or `llm` mode (see the module docstring). The input model is left as it is.
     `vectors_of(prompts)`: the prompts' vectors where they are cached (a gateway's, a benchmark's)."""
-    if mode not in ("llm", "llm-head", "sibling"):
-        raise ValueError(f"adapt() runs the 'llm', 'llm-head' and 'sibling' modes (train.py runs 'full'), got {mode!r}")
+    if mode not in ("llm", "sibling"):
+        raise ValueError(f"adapt() runs the 'llm' and 'sibling' modes (train.py runs 'full'), got {mode!r}")
     if rows.empty:
         raise ValueError("the log holds no usable rows to adapt from")
     began = time.time()
@@ -230,39 +198,33 @@ def adapt(model, tokenizer, rows: pd.DataFrame, mode: str = "llm", folds: int = 
     new = [n for n in llms if n not in config.llm_names]
     report = AdaptationReport(mode, llms, new, prompts=len(ds))
     report.siblings, report.sibling_losses = choose_siblings(model, tokenizer, rows, encoded)
-    adapted = extend_llms(model, report.siblings, length_heads=mode == "llm-head")
+    adapted = extend_llms(model, report.siblings)
     ids = [adapted.config.llm_index(n) for n in llms]
     for p in adapted.parameters():
         p.requires_grad_(False)
     adapted.eval()
     held_out = _predict(adapted, vectors, ids)  # sibling mode: nothing was fitted on the log
-    if mode != "sibling":
-        grid = [(p, h) for p in priors for h in (head_priors if mode == "llm-head" else [None])]
+    if mode == "llm":
         splits = _folds(len(ds), folds, seed)
-        best = None if splits else (max(priors), None if mode == "llm" else max(head_priors))
-        for prior, head_prior in grid if splits else []:  # too few prompts to cross-validate: the strongest pulls
+        if not splits:  # too few prompts to cross-validate: the strongest pull towards the starting rows
+            report.prior = max(priors)
+        for prior in priors if splits else []:
             mean, std = torch.empty(len(ds), len(ids)), torch.empty(len(ds), len(ids))
             losses = []
             for test in splits:
                 train = np.setdiff1d(np.arange(len(ds)), test)
-                tables = _tables(adapted, ids, *fit_llm_rows(adapted, vectors[train], _subset(labels, train), ids,
-                                                             prior, head_prior=head_prior))
+                table = _with_rows(adapted, ids, fit_llm_rows(adapted, vectors[train], _subset(labels, train), ids,
+                                                              prior))
                 with torch.no_grad():
                     test_ids = torch.tensor(ids).expand(len(test), -1)
-                    losses.append(float(_loss(adapted, vectors[test], test_ids, _subset(labels, test), tables)))
-                mean[test], std[test] = _predict(adapted, vectors[test], ids, tables)
-            key = f"{prior:g}" if head_prior is None else f"{prior:g},{head_prior:g}"
-            report.cv_loss[key] = float(np.mean(losses))
-            if best is None or report.cv_loss[key] < best_loss:
-                best, best_loss = (prior, head_prior), report.cv_loss[key]
-                held_out = (mean, std)  # predictions of folds that did not see the answers
-        report.prior, report.head_prior = best
-        fitted_rows, fitted_heads = fit_llm_rows(adapted, vectors, labels, ids, report.prior,
-                                                 head_prior=report.head_prior)
+                    losses.append(float(_loss(adapted, vectors[test], test_ids, _subset(labels, test), table)))
+                mean[test], std[test] = _predict(adapted, vectors[test], ids, table)
+            report.cv_loss[f"{prior:g}"] = float(np.mean(losses))
+            if report.prior is None or report.cv_loss[f"{prior:g}"] < report.cv_loss[f"{report.prior:g}"]:
+                report.prior, held_out = prior, (mean, std)  # predictions of folds that did not see the answers
+        fitted = fit_llm_rows(adapted, vectors, labels, ids, report.prior)
         with torch.no_grad():
-            adapted.llm_embedding.weight[ids] = fitted_rows
-            if fitted_heads is not None:
-                adapted.llm_length_delta.weight[ids] = fitted_heads
+            adapted.llm_embedding.weight[ids] = fitted
     _refit_offsets(adapted, rows, ds, llms, ids, held_out, quantiles, report)
     for p in adapted.parameters():
         p.requires_grad_(True)
@@ -271,17 +233,14 @@ def adapt(model, tokenizer, rows: pd.DataFrame, mode: str = "llm", folds: int = 
 
 
 @torch.no_grad()
-def _predict(model, vectors, ids, tables=(None, None)) -> tuple[torch.Tensor, torch.Tensor]:
-    _, log_mean, log_std = model.heads(vectors, torch.tensor(ids).expand(len(vectors), -1), *tables)
+def _predict(model, vectors, ids, table=None) -> tuple[torch.Tensor, torch.Tensor]:
+    _, log_mean, log_std = model.heads(vectors, torch.tensor(ids).expand(len(vectors), -1), llm_table=table)
     return torch.expm1(log_mean), torch.expm1(log_std)
 
 
-def _tables(model, ids, rows, heads=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LLM embedding table (and the length-head corrections' table) with `rows` (`heads`) in place of those of
-    `ids`."""
-    index = (torch.tensor(ids),)
-    delta = None if heads is None else model.llm_length_delta.weight.detach().index_put(index, heads)
-    return model.llm_embedding.weight.detach().index_put(index, rows), delta
+def _with_rows(model, ids, rows) -> torch.Tensor:
+    """The LLM embedding table with `rows` in place of those of `ids`."""
+    return model.llm_embedding.weight.detach().index_put((torch.tensor(ids),), rows)
 
 
 def _refit_offsets(model, rows, ds, llms, ids, held_out, quantiles, report) -> None:

@@ -91,32 +91,6 @@ def test_llm_mode_fits_the_log_better_than_the_sibling(model, tokenizer):
     assert set(report.cv_loss) == {"0", "0.01", "0.1", "1"} and report.prior is not None
 
 
-def test_llm_head_mode_learns_the_llms_own_length_head_and_leaves_the_others_bitwise(model, tokenizer, tmp_path):
-    from transformers import AutoModel
-
-    from lenpred.hub import export_model
-
-    before = predictions(model, tokenizer)
-    truth = before.mean[:, 1].numpy() * np.linspace(1.0, 4.0, len(PROMPTS))  # a ranking its sibling's row lacks
-    adapted, report = adapt(model, tokenizer, log_rows(truth), mode="llm-head", head_priors=(0.001,))
-    assert adapted.config.llm_length_heads and report.mode == "llm-head" and report.head_prior == 0.001
-    assert set(report.cv_loss) == {"0,0.001", "0.01,0.001", "0.1,0.001", "1,0.001"}
-    delta = adapted.llm_length_delta.weight
-    assert torch.count_nonzero(delta[:3]) == 0 and torch.count_nonzero(delta[3]) > 0  # only the new LLM's
-    after = predictions(adapted, tokenizer, LLMS)
-    for field in ("mean", "std", "bound", "bin_probs"):
-        assert torch.equal(getattr(before, field), getattr(after, field)), field
-    row_only, _ = adapt(model, tokenizer, log_rows(truth))
-
-    def error(m):
-        return np.abs(np.log1p(predictions(m, tokenizer, NEW).mean[:, 0].numpy()) - np.log1p(np.round(truth))).mean()
-
-    assert error(adapted) < error(row_only)  # the extra parameter fits what the row alone cannot
-    export = export_model(adapted, tokenizer, tmp_path / "export")  # the remote code carries the corrections
-    reloaded = AutoModel.from_pretrained(export, trust_remote_code=True)
-    assert torch.equal(predictions(reloaded, tokenizer).mean, predictions(adapted, tokenizer).mean)
-
-
 def test_refreshing_a_known_llm_moves_only_its_own_row(model, tokenizer):
     before = predictions(model, tokenizer)
     refreshed, report = adapt(model, tokenizer, log_rows(before.mean[:, 0].numpy() * 4, llm=LLMS[0]))
@@ -285,7 +259,7 @@ def test_train_py_rejects_an_unknown_mode(base_export, tmp_path):
 
     run = train(["--init-from", base_export, "--dataset", write_log(tmp_path / "log.jsonl"), "--adapt", "most"],
                 tmp_path)
-    assert run.returncode != 0 and "--adapt must be one of ['llm', 'llm-head', 'sibling', 'full']" in run.stderr
+    assert run.returncode != 0 and "--adapt must be one of ['llm', 'sibling', 'full']" in run.stderr
 
 
 def test_gateway_log_retrain_reload_loop(base_export, tmp_path):

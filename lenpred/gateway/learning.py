@@ -5,8 +5,8 @@ gateway serves.
   the prompt vectors their predictions computed, so a refit never runs the encoder.
 - Refit: once an LLM has `learn_every` answers more than at its last refit (and `learn_min_answers` in all), and
   `learn_interval` seconds have passed since that refit, one background thread (niced, one torch thread) refits
-  that LLM's own parameters from all its remembered answers (`lenpred.adaptation.adapt`, the mode
-  `default_mode` picks for that many prompts), always from the export the gateway started with: a refit is a pure
+  that LLM's own parameters from all its remembered answers (`lenpred.adaptation.adapt`, `train.py --adapt llm`'s
+  fit), always from the export the gateway started with: a refit is a pure
   function of the answers, so a restart from the same log and vectors gives bitwise the same parameters. The result
   is spliced into the served model (`splice_llm`: every other LLM's parameters untouched) and swapped in between
   prediction batches. Until its first refit, an LLM the export does not know gets the default priority.
@@ -167,7 +167,7 @@ class Learner:
 
     def refit(self, llm: str) -> None:
         """Refit `llm` from all its remembered answers, swap the result in, persist it."""
-        from lenpred.adaptation import adapt, default_mode, splice_llm
+        from lenpred.adaptation import adapt, splice_llm
         from lenpred.data import rows_from_records
 
         with self._lock:
@@ -179,8 +179,7 @@ class Learner:
             logger.warning("%s: no usable answer among %d remembered (%s); no refit", llm, len(items), skipped)
             return
         vectors = {r["prompt_text"]: v for r, v in items}
-        mode = default_mode(len(rows))
-        adapted, report = adapt(self.base, self.tokenizer, rows, mode=mode,
+        adapted, report = adapt(self.base, self.tokenizer, rows, mode="llm",
                                 vectors_of=lambda prompts: torch.stack([vectors[p] for p in prompts]))
         served = splice_llm(self.served, adapted, llm)
         self.served = served
@@ -188,10 +187,10 @@ class Learner:
         with self._lock:
             state.fitted_on, state.refits = seen, state.refits + 1
             state.last_refit, state.last_refit_clock = time.time(), self.clock()
-            state.info = {"mode": mode, "fitted_on_answers": len(items), "sibling": report.siblings.get(llm),
-                          "prior": report.prior, "head_prior": report.head_prior, "refit_seconds": report.seconds,
+            state.info = {"mode": report.mode, "fitted_on_answers": len(items), "sibling": report.siblings.get(llm),
+                          "prior": report.prior, "refit_seconds": report.seconds,
                           "skipped_rows": skipped}
-        logger.info("refitted %s on %d answers (%s, %.1f s)", llm, len(items), mode, report.seconds)
+        logger.info("refitted %s on %d answers (%.1f s)", llm, len(items), report.seconds)
         if self.config.learn_dir:
             self.persist()
 
