@@ -96,6 +96,25 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--flag-fraction", type=float, default=d.flag_fraction, help="... or above this share of actual")
     g.add_argument("--flag-rule", choices=("or", "and"), default=d.flag_rule,
                    help="flag when either threshold is exceeded (Cheng et al. as worded) or only when both are")
+
+    g = ap.add_argument_group("online learning", "refit each LLM from its own answers while serving (needs --log)")
+    g.add_argument("--learn", action="store_true",
+                   help="learn every LLM in the traffic, new to the model or known, from its logged answers: a "
+                        "background thread refits that LLM's own parameters (the others stay bitwise as they were) "
+                        "and swaps them in between prediction batches; GET /llms and /metrics show the refits and "
+                        "prequential MAE / Kendall tau / bound coverage")
+    g.add_argument("--learn-every", type=int, default=d.learn_every, help="new answers of an LLM between its refits")
+    g.add_argument("--learn-interval", type=float, default=d.learn_interval,
+                   help="seconds at least between two refits of one LLM")
+    g.add_argument("--learn-min-answers", type=int, default=d.learn_min_answers,
+                   help="answers an LLM needs before its first refit; until then an LLM new to the model gets "
+                        "--default-priority")
+    g.add_argument("--learn-memory", type=int, default=d.learn_memory,
+                   help="newest answers (with their prompt vectors) remembered per LLM; a refit uses all of them")
+    g.add_argument("--learn-window", type=int, default=d.learn_window,
+                   help="newest answers per LLM that the prequential scores cover")
+    g.add_argument("--learn-dir", help="after each refit, write the served model here as a loadable export (a "
+                                       "symlink switched atomically); on a restart the gateway serves it again")
     return ap
 
 

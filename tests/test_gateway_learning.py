@@ -207,3 +207,18 @@ def test_a_crash_while_writing_the_learn_dir_leaves_the_previous_export(upstream
         gw.learner.persist()
     again = AutoModel.from_pretrained(tmp_path / "learnt", trust_remote_code=True)
     assert torch.equal(again.llm_embedding.weight, good.llm_embedding.weight)
+
+
+def test_the_cli_takes_the_learning_flags_and_refuses_bad_ones_with_exit_2(tiny_model, tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    from lenpred.hub import export_model
+
+    export = export_model(tiny_model, tokenizer, tmp_path / "export")
+    base = [sys.executable, "-m", "lenpred.cli", "gateway", "--model", str(export), "--port", "0", "--learn"]
+    for extra, message in (([], "--learn needs --log"),
+                           (["--log", str(tmp_path / "l.jsonl"), "--learn-every", "0"], "--learn-every must be"),
+                           (["--log", str(tmp_path / "l.jsonl"), "--backend", "onnx"], "use --backend torch")):
+        run = subprocess.run(base + extra, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
