@@ -32,8 +32,8 @@ import torch
 from lenpred.calibration import QUANTILES, answer_scores, conformal_offset
 from lenpred.examples import group_by_prompt
 
-__all__ = ["ADAPT_MODES", "AdaptationReport", "sibling_fit", "choose_siblings", "extend_llms", "splice_llm",
-           "fit_llm_rows", "adapt", "MIN_CALIBRATION_ANSWERS"]
+__all__ = ["ADAPT_MODES", "AdaptationReport", "sibling_fit", "choose_siblings", "extend_llms", "llm_parameters",
+           "splice_llm", "fit_llm_rows", "adapt", "MIN_CALIBRATION_ANSWERS"]
 
 logger = logging.getLogger(__name__)
 ADAPT_MODES = ("llm", "sibling", "full")
@@ -134,20 +134,26 @@ def extend_llms(model, start_rows: dict[str, str]):
     return extended.to(model.device).train(model.training)
 
 
-def splice_llm(target, source, llm: str):
-    """A copy of `target` that holds `source`'s parameters for `llm` (embedding row, bound offsets), adding `llm`
-    when `target` does not know it. Both must come from one export (every shared weight equal): the other LLMs'
-    parameters stay bitwise `target`'s."""
+def llm_parameters(model, llm: str) -> dict:
+    """What `model` holds of `llm` alone: its embedding row and bound offsets (small, so a worker process can send
+    them back to the server that splices them in)."""
+    i = model.config.llm_index(llm)
+    return {"row": model.llm_embedding.weight[i].detach().clone(),
+            "offsets": {q: values[i] for q, values in (model.config.bound_offsets or {}).items()}}
+
+
+def splice_llm(target, llm: str, params: dict):
+    """A copy of `target` holding `params` (`llm_parameters` of a model from the same export) for `llm`, added when
+    `target` does not know it: the other LLMs' parameters stay bitwise `target`'s."""
     config = target.config
     start = {} if llm in config.llm_names else {llm: config.llm_names[0]}  # a placeholder row, overwritten below
     out = extend_llms(target, start)
-    i, j = out.config.llm_index(llm), source.config.llm_index(llm)
+    i = out.config.llm_index(llm)
     with torch.no_grad():
-        out.llm_embedding.weight[i] = source.llm_embedding.weight[j]
-    fitted = source.config.bound_offsets or {}
+        out.llm_embedding.weight[i] = params["row"]
     for q, values in (out.config.bound_offsets or {}).items():
-        if q in fitted:
-            values[i] = fitted[q][j]
+        if q in params["offsets"]:
+            values[i] = params["offsets"][q]
     return out
 
 

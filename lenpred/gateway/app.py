@@ -60,9 +60,11 @@ class Gateway:
     `config` resolves LLM names either way. `clock` is injectable for tests of aging.
 
     `config.learn`: online learning (`lenpred.gateway.learning`); `model` is the export every refit starts from,
-    `learnt` (default `model`) the model served until the next refit (a learn dir's export on a restart)."""
+    `learnt` (default `model`) the model served until the next refit (a learn dir's export on a restart), and
+    `model_path` the export's folder, which a refit process loads (without it, refits run in a thread)."""
 
-    def __init__(self, model, tokenizer, config: GatewayConfig, clock=time.monotonic, predictor=None, learnt=None):
+    def __init__(self, model, tokenizer, config: GatewayConfig, clock=time.monotonic, predictor=None, learnt=None,
+                 model_path=None):
         self.model, self.tokenizer, self.config, self.clock = model, tokenizer, config, clock
         self.upstream = Upstream(config.upstream, config.upstream_timeout, config.request_timeout,
                                  config.max_upstream_connections, config.upstream_keepalive)
@@ -75,7 +77,7 @@ class Gateway:
             _check_learning(model, config, predictor)
             from lenpred.gateway.learning import Learner
 
-            self.learner = Learner(model, tokenizer, config, self.swap_model, served=learnt)
+            self.learner = Learner(model, tokenizer, config, self.swap_model, served=learnt, base_path=model_path)
             model = self.learner.served
             self.metrics.watch(self.learner)
         self.model = model
@@ -112,7 +114,7 @@ class Gateway:
         learnt = None
         if config.learn and config.learn_dir and (Path(config.learn_dir) / "config.json").exists():
             learnt = load_export(config.learn_dir, device=device)[0]  # what the gateway served when it stopped
-        gw = cls(model, tokenizer, config, predictor=predictor, learnt=learnt)
+        gw = cls(model, tokenizer, config, predictor=predictor, learnt=learnt, model_path=path)
         if gw.learner is not None:
             remembered = gw.learner.restore(config.log_path)
             logger.info("online learning: %d logged answer(s) remembered%s", remembered,

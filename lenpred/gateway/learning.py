@@ -4,8 +4,9 @@ gateway serves.
 - Memory: per LLM (the name the log gives it), its newest `learn_memory` finished answers — the log records — with
   the prompt vectors their predictions computed, so a refit never runs the encoder.
 - Refit: once an LLM has `learn_every` answers more than at its last refit (and `learn_min_answers` in all), and
-  `learn_interval` seconds have passed since that refit, one background thread (niced, one torch thread) refits
-  that LLM's own parameters from all its remembered answers (`lenpred.adaptation.adapt`, `train.py --adapt llm`'s
+  `learn_interval` seconds have passed since that refit, a background thread has a worker process (niced, one
+  torch thread, the starting export loaded once; in-thread when the gateway was given a model object, not an
+  export) refit that LLM's own parameters from all its remembered answers (`lenpred.adaptation.adapt`, `train.py --adapt llm`'s
   fit), always from the export the gateway started with: a refit is a pure
   function of the answers, so a restart from the same log and vectors gives bitwise the same parameters. The result
   is spliced into the served model (`splice_llm`: every other LLM's parameters untouched) and swapped in between
@@ -88,9 +89,10 @@ class _LLMState:
 class Learner:
     """Owns the memory, the refit thread and the learn dir; `swap(model)` is called with each new served model."""
 
-    def __init__(self, base, tokenizer, config, swap, served=None, clock=time.monotonic):
+    def __init__(self, base, tokenizer, config, swap, served=None, clock=time.monotonic, base_path=None):
         self.base, self.tokenizer, self.config, self.swap, self.clock = base, tokenizer, config, swap, clock
         self.served = served if served is not None else base
+        self.base_path, self._pool = base_path, None
         self._llms: dict[str, _LLMState] = {}
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -125,6 +127,14 @@ class Learner:
 
     # -- the refit thread -----------------------------------------------------------------------------------------
     def start(self) -> "Learner":
+        """Start the refit thread; with `base_path` (the export on disk), the fits run in one worker process that
+        loads it once, so a refit never competes with the serving threads for the GIL."""
+        if self.base_path is not None and self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init, initargs=(str(self.base_path),))
         self._thread = threading.Thread(target=self._run, name="lenpred-learner", daemon=True)
         self._thread.start()
         return self
@@ -135,6 +145,9 @@ class Learner:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _state(self, llm: str) -> _LLMState:
         if llm not in self._llms:
@@ -167,30 +180,29 @@ class Learner:
 
     def refit(self, llm: str) -> None:
         """Refit `llm` from all its remembered answers, swap the result in, persist it."""
-        from lenpred.adaptation import adapt, splice_llm
-        from lenpred.data import rows_from_records
+        from lenpred.adaptation import splice_llm
 
         with self._lock:
             state = self._llms[llm]
             items, seen = list(state.answers), state.seen
-        rows, skipped = rows_from_records([r for r, _ in items], origin=f"{llm}'s remembered answers")
-        if rows.empty:
+        records = [r for r, _ in items]
+        vectors = torch.stack([v for _, v in items]).numpy()
+        if self._pool is not None:  # the fit runs in the worker process: no GIL shared with the serving threads
+            params, info = self._pool.submit(_fit_in_worker, records, vectors, llm).result()
+        else:
+            params, info = fit_llm(self.base, self.tokenizer, records, vectors, llm)
+        if params is None:
             state.fitted_on, state.last_refit_clock = seen, self.clock()
-            logger.warning("%s: no usable answer among %d remembered (%s); no refit", llm, len(items), skipped)
+            logger.warning("%s: no usable answer among %d remembered (%s); no refit", llm, len(items), info)
             return
-        vectors = {r["prompt_text"]: v for r, v in items}
-        adapted, report = adapt(self.base, self.tokenizer, rows, mode="llm",
-                                vectors_of=lambda prompts: torch.stack([vectors[p] for p in prompts]))
-        served = splice_llm(self.served, adapted, llm)
+        served = splice_llm(self.served, llm, params)
         self.served = served
         self.swap(served)
         with self._lock:
             state.fitted_on, state.refits = seen, state.refits + 1
             state.last_refit, state.last_refit_clock = time.time(), self.clock()
-            state.info = {"mode": report.mode, "fitted_on_answers": len(items), "sibling": report.siblings.get(llm),
-                          "prior": report.prior, "refit_seconds": report.seconds,
-                          "skipped_rows": skipped}
-        logger.info("refitted %s on %d answers (%.1f s)", llm, len(items), report.seconds)
+            state.info = {**info, "fitted_on_answers": len(items)}
+        logger.info("refitted %s on %d answers (%.1f s)", llm, len(items), info["refit_seconds"])
         if self.config.learn_dir:
             self.persist()
 
@@ -254,6 +266,42 @@ class Learner:
                 s.fitted_on, s.refits, s.last_refit, s.info = (min(st["fitted_on"], s.seen), st["refits"],
                                                                st["last_refit"], st["info"])
         return len(records)
+
+
+def fit_llm(base, tokenizer, records: list[dict], vectors: np.ndarray, llm: str) -> tuple[dict | None, dict]:
+    """(`llm_parameters` of `llm` refitted on `records` by `adapt(mode="llm")` from `base`, what the fit chose), or
+    (None, the skipped rows' counts) when no record is usable. A pure function of its inputs."""
+    from lenpred.adaptation import adapt, llm_parameters
+    from lenpred.data import rows_from_records
+
+    rows, skipped = rows_from_records(records, origin=f"{llm}'s remembered answers")
+    if rows.empty:
+        return None, skipped
+    by_text = {r["prompt_text"]: torch.from_numpy(v) for r, v in zip(records, vectors)}
+    adapted, report = adapt(base, tokenizer, rows, mode="llm",
+                            vectors_of=lambda prompts: torch.stack([by_text[p] for p in prompts]))
+    return llm_parameters(adapted, llm), {"mode": report.mode, "sibling": report.siblings.get(llm),
+                                          "prior": report.prior, "refit_seconds": report.seconds,
+                                          "skipped_rows": skipped}
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(path: str) -> None:
+    """The refit process: below the server in CPU priority, one torch thread, the starting export loaded once."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    torch.set_num_threads(1)
+    from lenpred.hub import load_export
+
+    _WORKER["base"], _WORKER["tokenizer"] = load_export(path)
+
+
+def _fit_in_worker(records, vectors, llm):
+    return fit_llm(_WORKER["base"], _WORKER["tokenizer"], records, vectors, llm)
 
 
 def _read_log(path: str) -> list[dict]:
