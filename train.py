@@ -46,8 +46,8 @@ class ModelArguments:
         "help": "continue from a LenPred export, teaching it the LLMs of --dataset (see --adapt)"})
     adapt: str = field(default="llm", metadata={
         "help": "with --init_from: 'llm' (default) learns only the logged LLMs' own embedding rows, the rest frozen, "
-                "so every other LLM's predictions stay bitwise the same (seconds; the right choice for a few hundred "
-                "to a few thousand logged prompts); 'sibling' adds a new LLM as the known LLM that fits its log "
+                "so every other LLM's predictions stay bitwise the same (seconds; it sets the LLM's scale from a few "
+                "hundred to a few thousand logged prompts and keeps its sibling's ranking: docs/adaptation.md); 'sibling' adds a new LLM as the known LLM that fits its log "
                 "best, with no training; 'full' fine-tunes every weight on the logs beside a replay of the "
                 "original training pool (--replay), for large logs (slow: an epoch over the pool)"})
     heads: str = field(default="both", metadata={"help": "which heads to train: both | classification | regression"})
