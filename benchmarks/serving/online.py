@@ -5,9 +5,10 @@
 
 SmolLM2-135M-Instruct is an LLM the export does not know. Per seed, a fresh learning gateway and `--waves` waves of
 `--requests` CASTILLO test prompts (disjoint, at most `--max-prompt-tokens` chat tokens), each wave sent as a
-backlog three times, one after another: FCFS (straight to vLLM, equal priorities), the oracle (straight to vLLM,
-priority = the answer length the FCFS pass measured; greedy decoding) and through the learning gateway (LenPred's
-priority; the gateway learns from these answers only, `--learn-every` answers between refits). Per wave: each
+backlog three times, one after another: FCFS (equal priorities) and the oracle (priority = the answer length the
+FCFS pass measured; greedy decoding), both through a gateway that predicts nothing and keeps the client's priority
+(so every policy pays the same relay), then through the learning gateway (LenPred's priority; it learns from these
+answers only, `--learn-every` answers between refits, each refit in its worker process while the wave runs). Per wave: each
 policy's mean completion time, LenPred's cut against FCFS and its share of the oracle's cut, the refits so far, and
 the prequential scores of the gateway's predictions (made before each answer was known): MAE on answers not cut
 short by max_tokens, Kendall τ-b against the served lengths (what the scheduler orders by). At the end, the offline
@@ -96,16 +97,18 @@ def main(argv=None) -> dict:
             flags = ("--learn", "--learn-every", str(args.learn_every), "--learn-min-answers", str(args.learn_every),
                      "--learn-interval", "0")
             gw_spec = GatewaySpec(export=args.model, upstream=vllm.url, log_path=str(log), extra_args=flags)
-            with GatewayServer(gw_spec, out / "logs" / f"gateway-s{seed}.log") as gw:
+            ref_spec = GatewaySpec(export=args.model, upstream=vllm.url, keep_client_priority=True, no_predict=True)
+            with GatewayServer(gw_spec, out / "logs" / f"gateway-s{seed}.log") as gw, \
+                    GatewayServer(ref_spec, out / "logs" / f"gateway-ref-s{seed}.log") as ref:
                 for w in range(args.waves):
                     pool = draw.iloc[w * args.requests:(w + 1) * args.requests]
                     wave = {"seed": seed, "wave": w + 1}
                     info = httpx.get(gw.url + "/llms", timeout=30).json()["llms"].get(SERVED_NAME, {})
                     wave["refits_before"] = info.get("refits", 0)
-                    fcfs = run_trace(vllm.url, SERVED_NAME, make_trace(pool, "fcfs", math.inf, 1.0, seed),
+                    fcfs = run_trace(ref.url, SERVED_NAME, make_trace(pool, "fcfs", math.inf, 1.0, seed),
                                      args.max_tokens, 0.0, seed)
                     reference = fcfs.set_index("prompt_id")[["tokens", "prompt_tokens", "finish_reason"]]
-                    oracle = run_trace(vllm.url, SERVED_NAME, make_trace(pool, "oracle", math.inf, 1.0, seed,
+                    oracle = run_trace(ref.url, SERVED_NAME, make_trace(pool, "oracle", math.inf, 1.0, seed,
                                                                          reference), args.max_tokens, 0.0, seed)
                     start = len(read_log(log, 0))
                     trace = make_trace(pool, "lenpred", math.inf, 1.0, seed)
