@@ -6,7 +6,8 @@
 
 An ASGI app (Starlette) under uvicorn, with an aiohttp client to the upstream, the stack of vLLM's own API server.
 POST /v1/chat/completions and /v1/completions get a `priority` (lower runs first); every other path is proxied as
-is; the gateway itself answers GET /health and GET /metrics (Prometheus). SSE streams are relayed as they arrive.
+is; the gateway itself answers GET /health, GET /metrics (Prometheus) and GET /llms (what `--learn` learnt). SSE
+streams are relayed as they arrive.
 
 Priority (an int, lower = sooner), with `t` = seconds since the gateway started when the request arrived:
 
