@@ -112,6 +112,7 @@ def knn_rows(log: pd.DataFrame, rows: pd.DataFrame, embeddings: dict) -> pd.Data
 
 def full_finetune(held_out_model: str, log: pd.DataFrame, epochs: float, lr: float, workdir: Path) -> Path:
     """`train.py --adapt full` on the log beside the replayed pool; returns the export."""
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "log.jsonl"
     records = [{"prompt_text": t, "model": m, "output_sizes": s} for t, m, s in
                zip(log["prompt_text"], log["llm"], log["output_sizes"])]
