@@ -65,7 +65,9 @@ class Gateway:
 
     def __init__(self, model, tokenizer, config: GatewayConfig, clock=time.monotonic, predictor=None, learnt=None,
                  model_path=None):
-        self.model, self.tokenizer, self.config, self.clock = model, tokenizer, config, clock
+        if config.learn:  # refused before the log is opened and its writer thread started
+            _check_learning(model, config, predictor)
+        self.tokenizer, self.config, self.clock = tokenizer, config, clock
         self.upstream = Upstream(config.upstream, config.upstream_timeout, config.request_timeout,
                                  config.max_upstream_connections, config.upstream_keepalive)
         self.log = LogWriter(config.log_path, config.fsync) if config.log_path else None  # fails before serving
@@ -74,7 +76,6 @@ class Gateway:
             self.log.on_error = self.metrics.log_errors.inc
         self.batcher, self.learner = None, None
         if config.learn:
-            _check_learning(model, config, predictor)
             from lenpred.gateway.learning import Learner
 
             self.learner = Learner(model, tokenizer, config, self.swap_model, served=learnt, base_path=model_path)
