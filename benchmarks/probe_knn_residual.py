@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import kendalltau
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,18 +43,21 @@ def neighbour_means(sim: np.ndarray, residuals: np.ndarray, k: int) -> np.ndarra
     return residuals[idx].mean(axis=1)
 
 
-def choose(log_vecs: np.ndarray, residuals: np.ndarray) -> tuple[int, float, float]:
-    """(k, w, leave-one-out L1) minimising the L1 of the corrected log residuals, each prompt left out of its own
-    neighbours."""
+def choose(log_vecs: np.ndarray, residuals: np.ndarray, log_pred: np.ndarray, by: str = "l1"):
+    """(k, w, leave-one-out loss), each logged prompt left out of its own neighbours: by the L1 of the corrected
+    log residuals, or ("tau") by minus Kendall τ-b between the answers and the corrected predictions; ties go to
+    the smaller w (w = 0: the row alone)."""
     sim = log_vecs @ log_vecs.T
     np.fill_diagonal(sim, -np.inf)
+    answers = residuals + log_pred
     best = None
     for k in KS:
         if k >= len(residuals):
             continue
         c = neighbour_means(sim, residuals, k)
         for w in WS:
-            loss = float(np.abs(residuals - w * c).mean())
+            loss = (float(np.abs(residuals - w * c).mean()) if by == "l1"
+                    else -float(kendalltau(answers, log_pred + w * c).statistic))
             if best is None or loss < best[2] - 1e-12:
                 best = (k, w, loss)
     return best
@@ -65,8 +69,12 @@ def main(argv=None):
     ap.add_argument("--split", choices=("dev", "test"), default="dev")
     ap.add_argument("--n", default="200,1000")
     ap.add_argument("--log-seeds", default="0,1,2")
-    ap.add_argument("--out", default=str(ROOT / "reports" / "adaptation" / "dev-knn-residual"))
+    ap.add_argument("--choose", choices=("l1", "tau"), default="l1",
+                    help="leave-one-out criterion on the log choosing k and w")
+    ap.add_argument("--out", help="default: reports/adaptation/dev-knn-residual[-tau]")
     args = ap.parse_args(argv)
+    args.out = args.out or str(ROOT / "reports" / "adaptation" / ("dev-knn-residual" + ("-tau" if args.choose == "tau"
+                                                                                          else "")))
     rows = load_castillo(None)
     base, tokenizer = load_export(args.held_out_model)
     known = list(base.config.llm_names)
@@ -88,7 +96,7 @@ def main(argv=None):
         on_log = predict(cache.predictor(adapted), tokenizer, log)
         residuals = np.log1p(log["output_mean"].to_numpy()) - np.log1p(on_log["pred_mean"].to_numpy())
         log_vecs, target_vecs = unit(cache(list(log["prompt_text"]))), unit(cache(list(target["prompt_text"])))
-        k, w, loo = choose(log_vecs, residuals)
+        k, w, loo = choose(log_vecs, residuals, np.log1p(on_log["pred_mean"].to_numpy()), args.choose)
         row_only = predict(cache.predictor(adapted), tokenizer, target)
         shift = w * neighbour_means(target_vecs @ log_vecs.T, residuals, k)
         corrected = row_only.assign(pred_mean=np.expm1(np.log1p(row_only["pred_mean"]) + shift),
@@ -104,7 +112,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"results-{args.split}.json").write_text(json.dumps(runs, indent=2))
     lines = [f"# kNN-residual probe ({args.split})", "",
-             f"`python benchmarks/probe_knn_residual.py --split {args.split} --n {args.n}`; mean over log seeds "
+             f"`python benchmarks/probe_knn_residual.py --split {args.split} --n {args.n} --choose {args.choose}`; mean over log seeds "
              f"{args.log_seeds}.", "",
              "| LLM | N | sibling MAE / τ | row only MAE / τ | knn-residual MAE / τ | τ gain | k, w chosen |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
