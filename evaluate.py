@@ -5,10 +5,26 @@
 
 Writes `OUT/report.json` (every number), `OUT/report.md` (rendered from the JSON), `OUT/figures/*.png`,
 `OUT/model_card.md` and, unless `--no-card`, the same card as the export's `README.md`.
-This top-level script shadows the PyPI package `evaluate`, which the project never uses.
+Imported rather than run (`import evaluate` from the repository root, where this file comes first on the path),
+it hands over to the Hugging Face `evaluate` package, so `evaluate.load("metrics/length_prediction")` works here too.
 """
 
 from __future__ import annotations
+
+if __name__ == "evaluate":  # imported: stand aside for the `evaluate` package found further down the path
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "evaluate", [p for p in sys.path if os.path.abspath(p or os.curdir) != _here])
+    if _spec is None:
+        raise ImportError("`import evaluate` found LenPred's evaluate.py script only: pip install evaluate")
+    _package = importlib.util.module_from_spec(_spec)
+    sys.modules["evaluate"] = _package  # what the import statement returns
+    _spec.loader.exec_module(_package)
 
 import argparse
 import json

@@ -30,7 +30,7 @@ from lenpred.calibration import QUANTILES, fit_bound_offsets
 from lenpred.data import PAPER_LLMS, default_dataset_source, load_castillo, make_splits
 from lenpred.examples import group_by_prompt, label_weights
 from lenpred.hub import default_encoder_path, export_model, load_export, weights_sha256
-from lenpred.metrics import classification_scores, regression_scores
+from lenpred.metrics import length_prediction_scores
 from modeling_lenpred import LenPredModel
 from prediction_lenpred import tokenize_prompts
 
@@ -178,18 +178,21 @@ def tokenized(dataset, tokenizer, config: LenPredConfig):
 
 
 def make_compute_metrics(config: LenPredConfig):
-    """Trainer metrics over every present ⟨prompt, LLM⟩ label: bin accuracy/F1 at the trained size, MAE of mean/std."""
+    """Trainer metrics over every present ⟨prompt, LLM⟩ label: bin accuracy/F1 at the trained size (the bin head),
+    MAE of mean/std, Kendall τ-b within LLM — `length_prediction_scores`, as the report and `evaluate` module."""
     def compute_metrics(eval_pred):
         bin_logits, mean, std = eval_pred.predictions[:3]
         labels_mean, labels_std = eval_pred.label_ids
         present = ~np.isnan(labels_mean)
-        bins = bin_logits.argmax(-1)[present]
-        scores = classification_scores(labels_mean[present], bins, config.bin_size, config.bin_max_tokens)
-        out = {f"bin{config.bin_size}_accuracy": scores["accuracy"], f"bin{config.bin_size}_f1": scores["f1"],
-               "mean_mae": regression_scores(labels_mean[present], mean[present])["mae"]}
-        has_std = ~np.isnan(labels_std)
-        if has_std.any():
-            out["std_mae"] = regression_scores(labels_std[has_std], std[has_std])["mae"]
+        llm_of = np.broadcast_to(np.arange(labels_mean.shape[-1]), labels_mean.shape)
+        s = length_prediction_scores(labels_mean[present], mean[present], true_std=labels_std[present],
+                                     predicted_std=std[present], predicted_bins=bin_logits.argmax(-1)[present],
+                                     groups=llm_of[present].tolist(), bin_size=config.bin_size,
+                                     max_tokens=config.bin_max_tokens)
+        out = {f"bin{config.bin_size}_accuracy": s["accuracy"], f"bin{config.bin_size}_f1": s["f1"],
+               "mean_mae": s["mae_mean"], "kendall_tau_b": s["kendall_tau_b"]}
+        if s["mae_std"] is not None:
+            out["std_mae"] = s["mae_std"]
         return out
     return compute_metrics
 
@@ -233,7 +236,10 @@ def main(argv=None) -> dict:
     if margs.adapt not in ADAPT_MODES:
         raise ValueError(f"--adapt must be one of {list(ADAPT_MODES)}, got {margs.adapt!r}")
 
-    rows = load_castillo(dargs.dataset)
+    try:
+        rows = load_castillo(dargs.dataset)
+    except (ValueError, OSError) as err:  # a bad file or folder: one readable line, not a traceback
+        raise SystemExit(f"train.py: --dataset {dargs.dataset}: {err}") from None
     if margs.init_from and margs.adapt != "full":
         return adapt_export(margs, dargs, targs, rows)
     if margs.init_from and (dargs.replay or "") != "none":

@@ -1,7 +1,8 @@
 """Every score LenPred reports, in one place.
 
-The evaluation report, the Trainer's `compute_metrics` and the tests all call these functions, so a number means
-the same thing everywhere. The arithmetic is scikit-learn's and SciPy's, not hand-rolled.
+The evaluation report, the Trainer's `compute_metrics`, the `evaluate` module (`metrics/length_prediction`) and the
+tests all call `length_prediction_scores` or the functions under it, so a number means the same thing everywhere.
+The arithmetic is scikit-learn's and SciPy's, not hand-rolled.
 
 Conventions: lengths are tokens; a row's "true" length is the mean of its sampled answer lengths
 (`output_mean`), its spread their standard deviation (`output_std`); `output_sizes` holds the samples themselves.
@@ -19,6 +20,7 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_
 from configuration_lenpred import make_bin_edges
 
 __all__ = [
+    "length_prediction_scores",
     "sanitise_lengths",
     "bin_index",
     "classification_scores",
@@ -213,3 +215,59 @@ def per_group_mae(true, pred, groups: Iterable) -> dict:
     if len(t) != len(p):
         raise ValueError(f"{len(t)} true values but {len(p)} predictions")
     return {key: float(mean_absolute_error(t[i], p[i])) for key, i in _group_indices(groups, len(t)).items()}
+
+
+def _optional(values, n: int, name: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    arr = np.asarray(values, dtype=float).reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"{name} has {arr.size} values for {n} predictions")
+    return arr
+
+
+def length_prediction_scores(true_mean, predicted_mean, *, samples: Sequence | None = None, true_std=None,
+                             predicted_std=None, predicted_bound=None, predicted_bins=None, groups=None,
+                             bin_size: int = 500, max_tokens: int = 4000) -> dict:
+    """Every score of one set of length predictions, as the report gives them.
+
+    `true_mean`: each row's mean answer length (tokens); `samples`: the sampled answer lengths themselves (needed
+    for the coverage scores); `true_std`: their spread (needed for the std scores; NaN rows are left out of them).
+    `predicted_bins`: bin indices at `bin_size` (e.g. the bin head's argmax); without them the bin of the
+    predicted mean is scored. `groups`: one key per row (e.g. (LLM, prompt set)); τ is Kendall's τ-b within each
+    group, averaged by size (None: one group). A score whose inputs are not given is None.
+    """
+    true = np.asarray(true_mean, dtype=float).reshape(-1)
+    pred = np.asarray(predicted_mean, dtype=float).reshape(-1)
+    n = len(true)
+    if len(pred) != n:
+        raise ValueError(f"{n} true lengths but {len(pred)} predictions")
+    if n == 0:
+        raise ValueError("no predictions to score")
+    if not np.all(np.isfinite(pred)):
+        raise ValueError(f"predictions contain {int((~np.isfinite(pred)).sum())} non-finite value(s)")
+    if samples is not None and len(samples) != n:
+        raise ValueError(f"samples has {len(samples)} rows for {n} predictions")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} keys for {n} predictions")
+    std, bound = _optional(predicted_std, n, "predicted_std"), _optional(predicted_bound, n, "predicted_bound")
+    edges = make_bin_edges(bin_size, max_tokens)
+    bins = (bin_index(np.clip(pred, 0, None), edges) if predicted_bins is None
+            else np.asarray(predicted_bins).reshape(-1).astype(int))
+    out: dict = {"n": n, **{f"{k}_mean": v for k, v in regression_scores(true, pred).items()},
+                 "mae_std": None, "mse_std": None,
+                 **classification_scores(true, bins, bin_size, max_tokens),
+                 "kendall_tau_b": kendall_within_sets(true, pred, [0] * n if groups is None else list(groups)),
+                 "coverage_1sigma": None, "coverage_2sigma": None, "bound_coverage": None}
+    t_std = _optional(true_std, n, "true_std")
+    if std is not None and t_std is not None:
+        ok = np.isfinite(t_std) & np.isfinite(std)
+        if ok.any():
+            out.update({f"{k}_std": v for k, v in regression_scores(t_std[ok], std[ok]).items()})
+    if samples is not None:
+        if std is not None:
+            out["coverage_1sigma"] = interval_coverage(samples, pred, std, 1.0)
+            out["coverage_2sigma"] = interval_coverage(samples, pred, std, 2.0)
+        if bound is not None:
+            out["bound_coverage"] = bound_coverage(samples, bound)
+    return out

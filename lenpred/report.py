@@ -17,8 +17,8 @@ import pandas as pd
 
 from configuration_lenpred import PAPER_BIN_SIZES, make_bin_edges
 from lenpred.data import PAPER_LLMS
-from lenpred.metrics import (bin_index, bound_coverage, classification_scores, interval_coverage,
-                             kendall_within_sets, noise_floor, nominal_coverage, per_group_mae, regression_scores)
+from lenpred.metrics import (bin_index, classification_scores, interval_coverage, kendall_within_sets,
+                             length_prediction_scores, noise_floor, nominal_coverage, per_group_mae)
 
 __all__ = ["METHODS", "SUBSETS", "PAPER_CITATION", "PAPER_RESULTS", "ALL_LLMS", "true_p99", "score_method",
            "ranking_scores", "build_results", "order_llms", "to_jsonable", "render_markdown", "render_subset",
@@ -95,21 +95,18 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
             else of_mean
         out["classification"][str(size)] = {  # the quality targets define acc@500 by the bin of the predicted mean
             **scores, "source": "bin head" if use_head else "predicted mean", "accuracy_mean_bin": of_mean["accuracy"]}
-    std = rows[f"{method}_std"].to_numpy(float) if f"{method}_std" in rows else np.full(len(rows), np.nan)
+    std = rows[f"{method}_std"].to_numpy(float) if f"{method}_std" in rows else None
     bound = rows[f"{method}_bound"].to_numpy(float) if f"{method}_bound" in rows else None
-    reg = {f"{k}_mean": v for k, v in regression_scores(true, pred).items()}
-    ok = _finite(rows["output_std"]) & _finite(std)
-    reg.update({f"{k}_std": (v if ok.any() else None) for k, v in
-                (regression_scores(rows["output_std"].to_numpy(float)[ok], std[ok]) if ok.any()
-                 else {"mse": None, "mae": None}).items()})
-    out["regression"] = reg
-    out.update(ranking_scores(rows, pred))
-    out["mae_by_prompt_set"] = per_group_mae(true, pred, rows["prompt_set"].tolist())
     sizes = rows["output_sizes"].tolist()
-    has_std = _finite(std).any()
-    out["coverage_1sigma"] = interval_coverage(sizes, pred, std, 1.0) if has_std else None
-    out["coverage_2sigma"] = interval_coverage(sizes, pred, std, 2.0) if has_std else None
-    out["bound_coverage"] = bound_coverage(sizes, bound) if bound is not None else None
+    core = length_prediction_scores(  # the `evaluate` module's scores, by the same function
+        true, pred, samples=sizes, true_std=rows["output_std"].to_numpy(float),
+        predicted_std=std if std is not None and _finite(std).any() else None, predicted_bound=bound,
+        groups=list(zip(rows["llm"], rows["prompt_set"])), bin_size=bin_sizes[0] if bin_sizes else 500,
+        max_tokens=max_tokens)
+    out["regression"] = {k: core[k] for k in ("mse_mean", "mae_mean", "mse_std", "mae_std")}
+    out.update(ranking_scores(rows, pred, overall=core["kendall_tau_b"]))
+    out["mae_by_prompt_set"] = per_group_mae(true, pred, rows["prompt_set"].tolist())
+    out.update({k: core[k] for k in ("coverage_1sigma", "coverage_2sigma", "bound_coverage")})
     out["p99_bin_accuracy"] = None
     if f"{method}_p99" in rows and head_bin_size:  # the paper's p99 class: the estimated p99 of the prompt's answers
         bound99, p99 = rows[f"{method}_p99"].to_numpy(float), true_p99(sizes)
@@ -120,12 +117,15 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
     return out
 
 
-def ranking_scores(rows: pd.DataFrame, pred) -> dict:
-    """Kendall τ-b of `pred` against `output_mean` within LLM × prompt set: overall and per prompt set."""
+def ranking_scores(rows: pd.DataFrame, pred, overall: float | None = None) -> dict:
+    """Kendall τ-b of `pred` against `output_mean` within LLM × prompt set: overall (unless given) and per prompt
+    set."""
     true, pred = rows["output_mean"].to_numpy(float), np.asarray(pred, dtype=float)
     llm, sets = rows["llm"].to_numpy(), rows["prompt_set"].to_numpy()
     by_set = {s: kendall_within_sets(true[sets == s], pred[sets == s], llm[sets == s]) for s in dict.fromkeys(sets)}
-    return {"kendall_tau_b": kendall_within_sets(true, pred, list(zip(llm, sets))), "tau_by_prompt_set": by_set}
+    if overall is None:
+        overall = kendall_within_sets(true, pred, list(zip(llm, sets)))
+    return {"kendall_tau_b": overall, "tau_by_prompt_set": by_set}
 
 
 def order_llms(llms) -> list[str]:

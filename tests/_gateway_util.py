@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -12,6 +13,17 @@ from lenpred.gateway.fake import FakeUpstream
 
 LLM = "meta-llama/Llama-3.2-1B-Instruct"
 TOKENS = 5  # the fake upstream's answer length
+#: The gateway timeouts the fault tests provoke: short enough to keep the tests quick, long enough that a request
+#: which should pass (the follow-up "still serving" one) never meets them on a busy 2-core machine.
+FAULT_TIMEOUT = 2.0
+
+
+def wait_for(check, timeout: float = 120.0, what: str = "the condition") -> None:
+    """Poll `check()` until it is true; an AssertionError after `timeout` seconds instead of hanging."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.01)
 
 
 def chat(prompt: str, model: str = LLM, **extra) -> dict:

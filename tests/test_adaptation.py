@@ -3,8 +3,10 @@ sibling start, the fit, cut-short answers as lower bounds, and bad logs."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -295,6 +297,34 @@ def test_gateway_log_retrain_reload_loop(base_export, tmp_path):
     info = json.loads((tmp_path / "adapted" / "training_info.json").read_text())
     # a quarter of the answers stopped at the cap: the 0.9 quantile and above cannot be told from this log
     assert info["adaptation"]["calibrated"][NEW].startswith("fitted on 24 answers (6 cut short); quantiles ['0.9'")
+
+
+def test_train_py_skips_a_bad_logs_bad_lines_by_reason_and_refuses_a_log_without_its_columns(base_export, tmp_path):
+    """Through `train.py`, as a user meets it: each malformed line is skipped and counted by its reason (and the
+    LLM is learnt from the rest); a file without the columns it needs is an error naming them."""
+    from test_train import ok, train
+
+    path = write_log(tmp_path / "log.jsonl")
+    bad = [{"prompt_text": "   ", "model": NEW, "output_sizes": [10]},
+           {"prompt_text": "No model", "model": "", "output_sizes": [10]},
+           {"prompt_text": "Negative", "model": NEW, "output_sizes": [-5]},
+           {"prompt_text": "Not a number", "model": NEW, "output_sizes": ["many"]},
+           {"prompt_text": "Two reasons, one answer", "model": NEW, "output_sizes": [10],
+            "finish_reasons": ["stop", "stop"]}]
+    with path.open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in bad) + "{not json\n")
+    run = ok(train(["--init-from", base_export, "--dataset", path, "--export_dir", "adapted"], tmp_path))
+    assert "skipped 1 unparsable JSON line(s)" in run.stderr
+    counts = re.search(r"skipped 5 malformed row\(s\) of 35: (\{.*\})", run.stderr)
+    assert counts, run.stderr[-3000:]
+    assert ast.literal_eval(counts.group(1)) == {"missing_prompt_text": 1, "missing_llm": 1, "negative_output_size": 1,
+                                                 "invalid_output_size": 1, "finish_reasons_mismatch": 1}
+    assert NEW in json.loads((tmp_path / "adapted" / "config.json").read_text())["llm_names"]
+    (tmp_path / "no-model.jsonl").write_text(json.dumps({"prompt_text": "x", "output_sizes": [3]}) + "\n")
+    run = train(["--init-from", base_export, "--dataset", tmp_path / "no-model.jsonl", "--export_dir", "never"],
+                tmp_path)
+    assert run.returncode != 0 and "missing required column(s) ['model']" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "never").exists()
 
 
 def test_cached_prompt_vectors_give_the_predictions_and_the_adaptation_of_a_fresh_encoding(model, tokenizer):

@@ -98,9 +98,27 @@ def test_load_failure_is_a_message(app, tmp_path):
     assert rows == [] and msg == message
     out = app.respond(message, PROMPT, None)
     assert "Could not load" in out[0] and "lenpred-row" not in out[1] and out[2] is None and out[3] is None
-    app.build_app(message)  # the page still builds, with the message and disabled inputs
+    failed = _by_elem_id(app.build_app(message))  # the page still builds, with the message and disabled inputs
+    assert failed["lenpred-error"].value == message
+    for elem_id in INPUTS:
+        assert failed[elem_id].interactive is False, elem_id
     hub = app.load_predictor("acme/not-a-lenpred-model")  # offline here (HF_HUB_OFFLINE=1): fails fast
     assert hub.startswith("Could not load the LenPred model `acme/not-a-lenpred-model`")
+
+
+INPUTS = ("lenpred-prompt", "lenpred-llms", "lenpred-submit", "lenpred-focus")
+
+
+def _by_elem_id(demo) -> dict:
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def test_a_loaded_model_gets_live_inputs_and_no_error(app, predictor):
+    page = _by_elem_id(app.build_app(predictor))
+    assert "lenpred-error" not in page
+    for elem_id in INPUTS:
+        assert page[elem_id].interactive is not False, elem_id
+    assert page["lenpred-llms"].value == LLMS
 
 
 def test_load_failure_uses_the_environment(app, monkeypatch, tmp_path):
@@ -132,8 +150,13 @@ def test_results_equal_the_pipeline_rounded_as_shown(app, predictor, tiny_model,
     reference = LenPredPipeline(model=tiny_model, tokenizer=tokenizer)  # the in-memory model, not the export
     chosen = [LLMS[2], LLMS[0]]
     rows, msg = app.predict_rows(predictor, PROMPT, chosen)
-    assert msg is None and rows == predictor(PROMPT, llm=chosen)
-    expected = [shown(r) for r in reference(PROMPT, llm=chosen)]
+    want = reference(PROMPT, llm=chosen)
+    assert msg is None and [r["llm"] for r in rows] == [w["llm"] for w in want] == chosen  # in the order chosen
+    for got_row, want_row in zip(rows, want):  # the export's remote code against the in-memory model
+        for key in ("predicted_mean", "predicted_std", "upper_bound"):
+            assert got_row[key] == pytest.approx(want_row[key], rel=1e-5), key
+        assert got_row["predicted_bin"] == want_row["predicted_bin"]
+    expected = [shown(r) for r in want]
     got = [{k: v for k, v in r.items() if k != "quantile"} for r in app.display_rows(rows)]
     assert got == expected
     message_html, table_html, mean_fig, bins_fig, llms, focused, state = app.respond(predictor, PROMPT, chosen,

@@ -206,11 +206,15 @@ def test_cached_embeddings_reuses_file(tmp_path, monkeypatch):
     files = list(tmp_path.glob("*.npy"))
     assert len(files) == 1 and first.shape == (2, 384)
 
+    class Encoded(Exception):
+        """Raised by the encoder stand-in: only an encoding raises it."""
+
     def no_encoding(*args, **kwargs):
-        raise AssertionError("the second call must load the cached file, not re-encode")
+        raise Encoded
 
     monkeypatch.setattr(bl, "encode_sentences", no_encoding)
-    second = cached_embeddings(texts, cache_dir=tmp_path, show_progress=False)
+    second = cached_embeddings(texts, cache_dir=tmp_path, show_progress=False)  # from the file: no encoding
     np.testing.assert_array_equal(first, second)
-    with pytest.raises(AssertionError):  # different texts -> a different key -> would encode again
+    with pytest.raises(Encoded):  # different texts -> a different key -> encodes again
         cached_embeddings(texts[:1], cache_dir=tmp_path, show_progress=False)
+    assert len(list(tmp_path.glob("*.npy"))) == 1

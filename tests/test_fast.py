@@ -128,11 +128,12 @@ def test_int8_quantized_predict_runs_with_right_shapes(model, tokenizer):
     assert type(model.encoder.encoder.layer[0].intermediate.dense) is torch.nn.Linear  # the original is untouched
     pred, ref = q.predict(PROMPTS, tokenizer, batch_size=4), model.predict(PROMPTS, tokenizer)
     assert pred.mean.shape == ref.mean.shape and pred.bin_probs.shape == ref.bin_probs.shape
-    assert torch.isfinite(pred.mean).all() and (pred.std > 0).all()
     torch.testing.assert_close(pred.bin_probs.sum(-1), torch.ones_like(pred.mean))
     a = agreement(ref, pred)
-    assert 0 <= a["median_rel_mean"] <= a["max_rel_mean"] and 0 <= a["bin_agreement"] <= 1
     assert a["n"] == len(PROMPTS) * model.config.num_llms
+    # int8 arithmetic really ran (the means moved), and within the speed work's agreement bar (fp32 heads)
+    assert 0 < a["median_rel_mean"] <= a["max_rel_mean"] <= AGREEMENT_BAR["max_rel_mean"], a
+    assert a["passes"], a
 
 
 def test_int8_from_an_export(model, tokenizer, tmp_path):
@@ -140,8 +141,9 @@ def test_int8_from_an_export(model, tokenizer, tmp_path):
 
     export_model(model, tokenizer, tmp_path / "export")
     loaded, tok = load_export(tmp_path / "export")
-    pred = quantize_dynamic_int8(loaded).predict(PROMPTS[:3], tok)
-    assert pred.mean.shape == (3, model.config.num_llms)
+    pred = quantize_dynamic_int8(loaded).predict(PROMPTS, tok)
+    a = agreement(model.predict(PROMPTS, tokenizer), pred)  # against the fp32 model the export was written from
+    assert a["n"] == len(PROMPTS) * model.config.num_llms and a["max_rel_mean"] > 0 and a["passes"], a
 
 
 # -- ONNX ---------------------------------------------------------------------------------------------------------

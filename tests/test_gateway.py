@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
-import time
 
 import httpx
 import pytest
 from _gateway_util import (LLM, TOKENS, chat, content_of, events_of, log_rows, make_gateway, post,  # noqa: F401
-                           stream, upstream)
+                           stream, upstream, wait_for)
 
 from lenpred.gateway import Gateway, GatewayConfig, compute_priority, is_flagged
 from lenpred.gateway.fake import FakeUpstream
@@ -176,6 +176,34 @@ def test_size_limit_and_chunked_bodies(upstream, make_gateway):
     assert [r["prompt_text"] for r in log_rows(gw)] == ["Chunked but fine"]
 
 
+def test_413_closes_the_connection(upstream, make_gateway):
+    """An announced oversize body is refused before it is read, and the connection closed, so its unread bytes are
+    never taken for a next request."""
+    gw = make_gateway(upstream.url, max_request_bytes=2000)
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n" + b"x" * 1000)
+        received = b""
+        while chunk := sock.recv(65536):  # until the gateway closes its end (a timeout here fails the test)
+            received += chunk
+    head = received.split(b"\r\n\r\n")[0].decode().lower()
+    assert head.startswith("http/1.1 413") and "connection: close" in head
+    assert upstream.received == [] and post(gw.url, chat("still serving")).status_code == 200
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_upstream_4xx_passes_through_with_its_body(upstream, make_gateway, status):
+    upstream.status = status
+    gw = make_gateway(upstream.url)
+    resp = post(gw.url, chat("Hello"))
+    assert resp.status_code == status and resp.json() == {"error": {"message": "boom", "type": "server_error"}}
+    assert stream(gw.url, chat("Hello"))[0] == status
+    assert log_rows(gw) == []  # an error is not training data
+    upstream.status = 200
+    assert post(gw.url, chat("after")).status_code == 200 and log_rows(gw)[-1]["prompt_text"] == "after"
+
+
 def test_other_paths_health_and_metrics(upstream, make_gateway):
     gw = make_gateway(upstream.url)
     resp = httpx.get(gw.url + "/v1/models?x=1")
@@ -309,8 +337,7 @@ def test_microbatcher_batches_what_queued_meanwhile(tiny_model, tokenizer):
     batcher = MicroBatcher(Slow(), tokenizer)
     try:
         first = batcher.submit("first prompt", LLM)
-        while not sizes:  # the batcher thread is inside the first call
-            time.sleep(0.01)
+        wait_for(lambda: sizes, 30, "the batcher thread inside the first call")
         llms = [LLM, "Qwen/Qwen2.5-7B-Instruct"]
         rest = [(f"prompt {i} " * (i + 1), llms[i % 2]) for i in range(6)]
         futures = [batcher.submit(p, m) for p, m in rest]

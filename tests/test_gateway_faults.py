@@ -19,8 +19,8 @@ import time
 
 import httpx
 import pytest
-from _gateway_util import (LLM, TOKENS, chat, content_of, events_of, log_rows, make_gateway, post,  # noqa: F401
-                           stream, upstream)
+from _gateway_util import (FAULT_TIMEOUT, LLM, TOKENS, chat, content_of, events_of, log_rows,  # noqa: F401
+                           make_gateway, post, stream, upstream, wait_for)
 
 
 def error_events(events) -> list[dict]:
@@ -78,7 +78,7 @@ def test_upstream_reset_mid_stream_ends_the_stream_cleanly(upstream, make_gatewa
 
 
 def test_upstream_stalled_past_the_timeout(upstream, make_gateway):
-    gw = make_gateway(upstream.url, upstream_timeout=0.3)
+    gw = make_gateway(upstream.url, upstream_timeout=FAULT_TIMEOUT)
     upstream.stall = True  # holds the request before its headers until the gate opens (never, here)
     resp = post(gw.url, chat("Hello"))
     assert resp.status_code == 504 and "timed out" in resp.json()["error"]["message"]
@@ -88,7 +88,7 @@ def test_upstream_stalled_past_the_timeout(upstream, make_gateway):
     assert error_events(events)[0]["code"] == 504
     assert log_rows(gw) == []
     assert metric(gw, 'lenpred_gateway_upstream_errors_total{kind="timeout"}') == 2
-    whole = make_gateway(upstream.url, request_timeout=0.5, log_path=None)  # a deadline for the whole request
+    whole = make_gateway(upstream.url, request_timeout=FAULT_TIMEOUT, log_path=None)  # a deadline for the whole request
     status, events = stream(whole.url, chat("Story"))
     assert status == 200 and content_of(events) == ["c0 "] and events[-1] == "[DONE]"
     assert "longer than the request timeout" in error_events(events)[0]["message"]
@@ -141,7 +141,7 @@ def test_client_gone_before_the_answer_cancels_the_upstream(upstream, make_gatew
     upstream.stall = True
     gw = make_gateway(upstream.url)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up on the stalled answer and closes its connection
-        httpx.post(gw.url + "/v1/chat/completions", json=chat("Hello"), timeout=httpx.Timeout(30, read=0.5))
+        httpx.post(gw.url + "/v1/chat/completions", json=chat("Hello"), timeout=httpx.Timeout(30, read=FAULT_TIMEOUT))
     assert upstream.cancelled.wait(10)  # the stalled upstream request was closed by the gateway
     still_serving(gw, upstream)
     assert len(log_rows(gw)) == 1
@@ -150,7 +150,7 @@ def test_client_gone_before_the_answer_cancels_the_upstream(upstream, make_gatew
 def test_slow_request_body_past_the_request_timeout_is_408(upstream, make_gateway):
     import aiohttp
 
-    gw = make_gateway(upstream.url, request_timeout=0.3)
+    gw = make_gateway(upstream.url, request_timeout=FAULT_TIMEOUT)
 
     async def main():
         never = asyncio.Event()
@@ -193,13 +193,12 @@ def test_log_write_failures_are_retried_whole(upstream, make_gateway):
 def test_closed_mid_stream_ends_the_stream_after_the_grace(upstream, make_gateway):
     """Past the shutdown grace, a stream still open ends cleanly with a 503 error event, and a request still
     waiting for its answer's headers gets 503."""
-    gw = make_gateway(upstream.url, shutdown_timeout=0.3)
+    gw = make_gateway(upstream.url, shutdown_timeout=FAULT_TIMEOUT)
     assert post(gw.url, chat("Logged first")).status_code == 200
     upstream.stall, waiting = True, []
     stalled = threading.Thread(target=lambda: waiting.append(post(gw.url, chat("Stalled"))))
     stalled.start()
-    while len(upstream.received) < 2:  # the stalled request is at the upstream
-        time.sleep(0.01)
+    wait_for(lambda: len(upstream.received) >= 2, what="the stalled request at the upstream")
     upstream.stall, upstream.gate_after = False, 1
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=chat("Story", stream=True), timeout=30) as resp:
         lines = resp.iter_lines()
@@ -221,15 +220,21 @@ def _start_cli(args, env=None):
                             env={**os.environ, **(env or {})})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    return proc, _wait_for(lines, "LenPred gateway on ", 120).split("LenPred gateway on ")[1].split()[0], lines
+
+
+def _wait_for(lines: queue.Queue, text: str, timeout: float = 60.0) -> str:
+    """The first stderr line holding `text`; an AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
     while True:
-        line = lines.get(timeout=60)
-        if "LenPred gateway on " in line:
-            return proc, line.split("LenPred gateway on ")[1].split()[0], lines
-
-
-def _wait_for(lines: queue.Queue, text: str) -> None:
-    while text not in lines.get(timeout=30):
-        pass
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {text!r} on stderr within {timeout:g} s"
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        if text in line:
+            return line
 
 
 def test_sigterm_under_load(upstream, tmp_path):
@@ -256,7 +261,9 @@ def test_sigterm_under_load(upstream, tmp_path):
                         return resp.status, first + await resp.read()
 
                 tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+                deadline = time.monotonic() + 60
                 while len(upstream.received) < n + 1:  # every stream is under way at the upstream
+                    assert time.monotonic() < deadline, "the streams did not all reach the upstream"
                     await asyncio.sleep(0.01)
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.get_running_loop().run_in_executor(None, _wait_for, lines, "draining:")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
 import torch
-from _gateway_util import chat, log_rows, post
+from _gateway_util import chat, log_rows, post, wait_for
 
 from lenpred.gateway import Gateway, GatewayConfig
 from lenpred.gateway.fake import FakeUpstream
@@ -50,13 +49,6 @@ def learning(tiny_model, tokenizer, tmp_path):
     yield make
     for gw in gateways:
         gw.close()
-
-
-def wait_for(check, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def known_predictions(model, tokenizer):

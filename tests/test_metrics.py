@@ -1,6 +1,7 @@
 """Hand-computed checks of every score in lenpred.metrics."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from lenpred.metrics import (
     classification_scores,
     interval_coverage,
     kendall_within_sets,
+    length_prediction_scores,
     noise_floor,
     nominal_coverage,
     per_group_mae,
@@ -111,3 +113,46 @@ def test_per_group_mae_by_hand():
     got = per_group_mae([10, 20, 30, 40], [12, 20, 25, 50], ["x", "x", "y", "y"])
     assert got == {"x": pytest.approx(1.0), "y": pytest.approx(7.5)}
     assert list(got) == ["x", "y"]
+
+
+def test_length_prediction_scores_by_hand():
+    samples = [[100, 140], [700, 520], [35, 60]]  # means 120, 610, 47.5; stds 20, 90, 12.5
+    s = length_prediction_scores([120, 610, 47.5], [120, 600, 40], samples=samples, true_std=[20, 90, 12.5],
+                                 predicted_std=[10, 90, 20], predicted_bound=[130, 800, 50], bin_size=500)
+    assert s["n"] == 3
+    assert s["mae_mean"] == pytest.approx(17.5 / 3) and s["mse_mean"] == pytest.approx((100 + 56.25) / 3)
+    assert s["mae_std"] == pytest.approx((10 + 0 + 7.5) / 3)
+    assert s["accuracy"] == 1.0 and s["f1"] == 1.0  # every mean and prediction in its true 500-token bin
+    assert s["kendall_tau_b"] == pytest.approx(1.0)
+    assert s["bound_coverage"] == pytest.approx(4 / 6)  # 140 > 130, 60 > 50
+    assert s["coverage_1sigma"] == pytest.approx(3 / 6)  # in: 520 (600 ± 90), 35 and 60 (40 ± 20); out: 100, 140, 700
+    # what was not given is None, and bins given are scored instead of the bins of the mean
+    bare = length_prediction_scores([120, 610, 47.5], [120, 600, 40], predicted_bins=[0, 0, 0])
+    assert bare["accuracy"] == pytest.approx(2 / 3)
+    assert bare["mae_std"] is None and bare["bound_coverage"] is None and bare["coverage_1sigma"] is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"predicted_mean": [1.0]}, "2 true lengths but 1 predictions"),
+    ({"predicted_mean": [1.0, float("nan")]}, "non-finite"),
+    ({"predicted_std": [1.0]}, "predicted_std has 1 values"),
+    ({"groups": ["a"]}, "groups has 1 keys"),
+    ({"samples": [[1.0]]}, "samples has 1 rows"),
+])
+def test_length_prediction_scores_rejects_mismatched_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        length_prediction_scores([10.0, 20.0], **{"predicted_mean": [10.0, 20.0], **kwargs})
+
+
+def test_the_evaluate_module_loads_offline_and_rejects_bad_references(tmp_path, monkeypatch):
+    import evaluate  # the Hugging Face package, though this repository's evaluate.py comes first on the path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hasattr(evaluate, "load") and "site-packages" in evaluate.__file__
+    metric = evaluate.load(str(Path(__file__).resolve().parents[1] / "metrics" / "length_prediction"))
+    got = metric.compute(predictions=[120.0, 600.0], references=[[100, 140], [700, 520]], groups=["a", "a"])
+    assert got["mae_mean"] == pytest.approx(5.0) and got["kendall_tau_b"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="without any answer length"):
+        metric.compute(predictions=[1.0, 2.0], references=[[3.0], []])
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        metric.compute(predictions=[1.0, 2.0], references=[[3.0], [-1.0]])

@@ -90,7 +90,7 @@ def test_score_method_cells_by_hand(scored):
     med = score_method(part, "median", head_bin_size=500)
     assert med["classification"]["500"]["source"] == "predicted mean"
     assert med["p99_bin_accuracy"] is None and med["bound_coverage"] is None
-    assert med["kendall_tau_b"] == 0.0 or np.isfinite(med["kendall_tau_b"])
+    assert med["kendall_tau_b"] == 0.0 and set(med["tau_by_prompt_set"].values()) == {0.0}  # constant within sets
     assert score_method(part.assign(lenpred_mean=np.nan), "lenpred") is None
 
 
@@ -281,3 +281,39 @@ def test_evaluate_end_to_end(tmp_path):
     card = (export / "README.md").read_text()
     assert card == (out / "model_card.md").read_text()
     assert_card_matches_json(card, report)
+    assert_metric_module_matches_report(out, report)
+
+
+METRIC_SCRIPT = """
+import json, sys
+import evaluate
+import pandas as pd
+rows = pd.read_parquet(sys.argv[1])
+rows = rows[(rows["llm"] == "acme/other-llm") & (rows["subset"] == "in_distribution")]
+metric = evaluate.load("metrics/length_prediction")
+kw = dict(predictions=rows["lenpred_mean"].tolist(), references=[list(s) for s in rows["output_sizes"]],
+          predicted_std=rows["lenpred_std"].tolist(), predicted_bound=rows["lenpred_bound"].tolist(),
+          groups=(rows["llm"] + "|" + rows["prompt_set"]).tolist(), bin_size=500)
+print(json.dumps({"of_mean": metric.compute(**kw),
+                  "of_head": metric.compute(**kw, predicted_bins=rows["lenpred_bin"].tolist())}))
+"""
+
+
+def assert_metric_module_matches_report(out: Path, report: dict):
+    """`evaluate.load("metrics/length_prediction")`, offline and from the repository root as the model card shows
+    it, scores evaluate.py's saved predictions to the report's own figures."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf-home")}
+    proc = subprocess.run([sys.executable, "-c", METRIC_SCRIPT, str(out / "predictions.parquet")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = report["results"]["in_distribution"]["acme/other-llm"]["lenpred"]
+    assert report["meta"]["head_bin_size"] == 500 and None not in (want["bound_coverage"], want["regression"]["mae_std"])
+    for key in ("mae_mean", "mse_mean", "mae_std", "mse_std"):
+        assert got["of_mean"][key] == pytest.approx(want["regression"][key], rel=1e-9)
+    for key in ("kendall_tau_b", "coverage_1sigma", "coverage_2sigma", "bound_coverage"):
+        assert got["of_mean"][key] == pytest.approx(want[key], rel=1e-9)
+    assert got["of_mean"]["accuracy"] == pytest.approx(want["classification"]["500"]["accuracy_mean_bin"])
+    assert got["of_head"]["accuracy"] == pytest.approx(want["classification"]["500"]["accuracy"])
+    assert got["of_head"]["f1"] == pytest.approx(want["classification"]["500"]["f1"])
+    assert got["of_mean"]["n"] == want["n"]
