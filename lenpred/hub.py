@@ -20,12 +20,15 @@ from configuration_lenpred import LenPredConfig
 from modeling_lenpred import LenPredForSequenceClassification, LenPredModel
 from pipeline_lenpred import HUB_MODEL_ID, PIPELINE_TASK, LenPredPipeline
 
-__all__ = ["export_model", "push_export", "load_export", "REMOTE_CODE_FILES", "default_encoder_path", "weights_sha256"]
+__all__ = ["export_model", "push_export", "push_metric", "load_export", "REMOTE_CODE_FILES", "METRIC_DIR",
+           "default_encoder_path", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REMOTE_CODE_FILES = ("configuration_lenpred.py", "modeling_lenpred.py", "prediction_lenpred.py", "pipeline_lenpred.py",
                      "handler.py")
+#: The `evaluate` module scoring length predictions (a checkout's folder; `push_metric` publishes it).
+METRIC_DIR = REPO_ROOT / "metrics" / "length_prediction"
 
 
 def default_encoder_path() -> str:
@@ -112,14 +115,45 @@ def push_export(export_dir: str | Path, repo_id: str = HUB_MODEL_ID, private: bo
         ) from None
 
 
+def push_metric(repo_id: str, private: bool = False, token: str | None = None, folder: str | Path = METRIC_DIR):
+    """Publish the `evaluate` module as the Hub Space `repo_id` (`evaluate.load(repo_id)` then finds it). It is
+    the checkout's `metrics/length_prediction`; an installed wheel does not carry it (a clear error)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled
+
+    folder = Path(folder)
+    if not (folder / "length_prediction.py").is_file():
+        raise FileNotFoundError(f"{folder} holds no length_prediction.py: push the metric from a LenPred checkout")
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="space", space_sdk="static", private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space",
+                                 commit_message="Upload the length_prediction evaluate module")
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as err:
+        raise RuntimeError(
+            f"Could not push the metric {folder} to the Hub as {repo_id!r}: {type(err).__name__}: {err}. "
+            "Check the network, HF_HUB_OFFLINE and `hf auth login`."
+        ) from None
+
+
+def metric_repo_for(model_repo: str) -> str:
+    """`ORG/length_prediction` beside the model repo `ORG/NAME`."""
+    return f"{model_repo.split('/')[0]}/length_prediction" if "/" in model_repo else "length_prediction"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Re-export a LenPred model folder with remote code, or push it.")
     parser.add_argument("model", help="a LenPred export or checkpoint folder")
     parser.add_argument("--out", help="write a fresh Hub-ready folder here")
     parser.add_argument("--model-card", help="rendered markdown file to ship as README.md (evaluate.py writes one)")
     parser.add_argument("--push", metavar="REPO_ID", nargs="?", const=HUB_MODEL_ID, help="push to this Hub repo")
+    parser.add_argument("--push-metric", metavar="REPO_ID", nargs="?", const="",
+                        help="also publish the evaluate module (metrics/length_prediction) as this Hub Space "
+                             "(default: ORG/length_prediction beside --push's repo)")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
+    if args.push_metric is not None and not (args.push_metric or args.push):
+        parser.error("--push-metric without a repo id needs --push (its ORG is used)")
     folder = args.model
     if args.out:
         model, tokenizer = load_export(args.model)
@@ -128,3 +162,7 @@ def main(argv=None) -> None:
     if args.push:
         push_export(folder, args.push, private=args.private)
         print(f"pushed {folder} to {args.push}")
+    if args.push_metric is not None:
+        repo = args.push_metric or metric_repo_for(args.push)
+        push_metric(repo, private=args.private)
+        print(f"pushed the length_prediction metric to the Space {repo}: evaluate.load({repo!r})")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lenpred.hub import REMOTE_CODE_FILES, export_model, load_export, push_export
+from lenpred.hub import METRIC_DIR, REMOTE_CODE_FILES, export_model, load_export, push_export, push_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +103,40 @@ def test_push_offline_fails_with_one_clear_message(export_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="Could not push .* to the Hub"):
         push_export(export_dir, "someone/lenpred-test", token="hf_dummy")
+
+
+def test_push_metric_publishes_the_evaluate_module_as_a_space(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from lenpred.hub import main
+
+    calls = []
+
+    class RecordingApi:  # stands in for the Hub, which this machine cannot reach
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    main([str(tmp_path), "--push-metric", "acme/length_prediction"])
+    (_, repo, create), (_, same, upload) = calls
+    assert repo == same == "acme/length_prediction" and create["repo_type"] == upload["repo_type"] == "space"
+    assert upload["folder_path"] == str(METRIC_DIR) and (METRIC_DIR / "length_prediction.py").is_file()
+    with pytest.raises(SystemExit):  # no repo id and no --push to take the ORG from
+        main([str(tmp_path), "--push-metric"])
+    with pytest.raises(FileNotFoundError, match="push the metric from a LenPred checkout"):
+        push_metric("acme/length_prediction", folder=tmp_path)
+
+
+def test_push_metric_offline_fails_with_one_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="Could not push the metric .* to the Hub"):
+        push_metric("someone/length_prediction", token="hf_dummy")
 
 
 def test_a_missing_export_folder_is_named_in_the_error(tmp_path):
