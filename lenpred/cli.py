@@ -42,9 +42,11 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = ap.add_argument_group("model", "the length predictor")
     g.add_argument("--model", help="LenPred export folder (lenpred.hub.export_model output); required unless "
                                    "--no-predict")
-    g.add_argument("--backend", choices=("torch", *CPU_OPTIONS), default="torch",
-                   help="predictor: the fp32 torch fast path, or a lenpred.fast CPU option (python -m lenpred.fast "
-                        "--check reports their agreement with fp32)")
+    g.add_argument("--backend", choices=("auto", "torch", *CPU_OPTIONS), default="auto",
+                   help="predictor: auto (default) = the CPU serving path of docs/speed.md when onnxruntime is "
+                        "installed (pip install 'lenpred[fast]') and the model runs on the CPU without --learn, else "
+                        "torch; torch = the fp32 torch fast path; or a lenpred.fast CPU option (benchmarks/latency.py "
+                        "reports their speed and quality against fp32)")
     g.add_argument("--fast-dir", help="folder for the --backend files (ONNX; reused when there; default "
                                       "<model>/fast)")
     g.add_argument("--device", help="torch device for the model (default: CPU)")

@@ -31,7 +31,8 @@ from lenpred.inference import CPU_OPTIONS
 from prediction_lenpred import LenPredPrediction, predict_in_batches
 
 __all__ = ["quantize_dynamic_int8", "export_onnx", "quantize_onnx_int8", "OnnxLenPred", "agreement",
-           "AGREEMENT_BAR", "CPU_OPTIONS", "build_option", "onnxruntime_available", "check_agreement"]
+           "AGREEMENT_BAR", "QUALITY_BAR", "quality_agreement", "CPU_OPTIONS", "SERVING_OPTION", "build_option",
+           "onnxruntime_available", "check_agreement"]
 
 #: What a CPU option must reach against fp32 on the test prompts to be used instead of it.
 AGREEMENT_BAR = {"max_rel_mean": 0.02, "median_rel_mean": 0.01, "bin_agreement": 0.99}
@@ -90,44 +91,57 @@ class _AllLLMsGraph(nn.Module):
         vector = self.model.encode(input_ids, attention_mask, **extra)
         ids = self.llm_ids.expand(input_ids.shape[0], -1)
         logits, log_mean, log_std = self.model.heads(vector, ids)
-        return logits.softmax(-1), torch.expm1(log_mean), torch.expm1(log_std)
+        # exp − 1, not expm1 (which the TorchScript exporter lacks): log_mean ≥ 0 here, where the two agree to
+        # float32 rounding
+        return logits.softmax(-1), torch.exp(log_mean) - 1, torch.exp(log_std) - 1
 
 
-def export_onnx(model, tokenizer, path: str | Path, opset: int = 18) -> Path:
-    """Export `model` (encoder + heads for all its LLMs, dynamic batch and sequence axes) to `path/model.onnx`,
-    with the model's config and the tokenizer (`path/tokenizer/`) so that `OnnxLenPred(path)` needs nothing else.
-    Returns the folder."""
+def export_onnx(model, tokenizer, path: str | Path, opset: int = 17) -> Path:
+    """Export `model` (encoder + heads for all its LLMs, dynamic batch and sequence axes) to `path/model.onnx` as
+    ONNX Runtime's fused transformer graph, with the model's config and the tokenizer (`path/tokenizer/`) so that
+    `OnnxLenPred(path)` needs nothing else. Returns the folder.
+
+    The encoder is traced with eager attention by the TorchScript exporter — the pattern ONNX Runtime's transformer
+    optimiser recognises — and then fused: EmbedLayerNormalization, one Attention op per layer, BiasGelu and
+    SkipLayerNormalization (docs/speed.md)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
-    graph = _AllLLMsGraph(model).eval()
+    traced = copy.deepcopy(model).cpu().eval()
+    traced.encoder.set_attn_implementation("eager")
+    graph = _AllLLMsGraph(traced).eval()
     example = tokenizer(["a first example prompt to trace the graph", "and a second one, a little longer, to have "
                          "two different lengths"], padding=True, return_tensors="pt")
-    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=1,
-                                                                               max=model.config.max_length)
-    args = (example["input_ids"], example["attention_mask"])
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    args, axes = (example["input_ids"], example["attention_mask"]), {
+        "input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     if graph.takes_prompt_length:
-        args, shapes["prompt_length"] = (*args, example["attention_mask"].sum(-1) + 300), {0: batch}
+        args, axes["prompt_length"] = (*args, example["attention_mask"].sum(-1) + 300), {0: "batch"}
+    raw = out / "model.raw.onnx"
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph, args, input_names=list(shapes), output_names=["bin_probs", "mean", "std"],
-            dynamic_shapes=shapes, opset_version=opset, dynamo=True, external_data=False, verbose=False)
-    program.save(str(out / ONNX_FILE), external_data=False)
+        torch.onnx.export(graph, args, str(raw), input_names=list(axes), output_names=["bin_probs", "mean", "std"],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    enc = traced.encoder.config
+    fused = optimize_model(str(raw), model_type="bert", num_heads=enc.num_attention_heads,
+                           hidden_size=enc.hidden_size, opt_level=0)
+    fused.save_model_to_file(str(out / ONNX_FILE))
+    raw.unlink()
     model.config.save_pretrained(out)
     # in a subfolder: next to a config.json with an `auto_map`, AutoTokenizer would ask about remote code
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
     return out
 
 
-def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime dynamic int8 quantisation of an `export_onnx` folder (MatMul weights int8) into `dst`,
-    config and tokenizer copied along. Returns `dst`."""
+def quantize_onnx_int8(src: str | Path, dst: str | Path, reduce_range: bool = False,
+                       fp32_ffn_output: bool = False) -> Path:
+    """Dynamic int8 quantisation of an `export_onnx` folder's encoder into `dst` (config and tokenizer copied
+    along): weights int8 per output channel, activations quantised per batch at run time. The heads (12 rows per
+    prompt: no time worth saving) stay fp32. Returns `dst`."""
     import shutil
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -136,14 +150,14 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
             shutil.copytree(f, dst / f.name, dirs_exist_ok=True)
         elif f.name != ONNX_FILE:
             shutil.copy2(f, dst / f.name)
-    pre = dst / "model.pre.onnx"
-    try:
-        quant_pre_process(str(src / ONNX_FILE), str(pre), skip_symbolic_shape=True)
-        source = pre
-    except Exception:  # pre-processing is an optimisation only
-        source = src / ONNX_FILE
-    quantize_dynamic(str(source), str(dst / ONNX_FILE), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-    pre.unlink(missing_ok=True)
+    nodes = onnx.load(str(src / ONNX_FILE), load_external_data=False).graph.node
+    keep = [n.name for n in nodes if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("/encoder/")]
+    if fp32_ffn_output:
+        keep += [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith("/output/dense/MatMul")
+                 and "/attention/" not in n.name]
+    quantize_dynamic(str(src / ONNX_FILE), str(dst / ONNX_FILE), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=reduce_range, nodes_to_exclude=keep,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # the fused ops' outputs
     return dst
 
 
@@ -221,6 +235,59 @@ def agreement(reference, other, min_tokens: float = 1.0) -> dict:
     return out
 
 
+#: What a fast path must keep of fp32's quality for every LLM, on data with sampled answers (docs/speed.md): MAE of
+#: the mean within 1 %, Kendall τ-b within 0.005, acc@500 within 0.5 points, bound coverage within 1 point.
+QUALITY_BAR = {"mae_rel": 0.01, "tau": 0.005, "acc500_points": 0.5, "coverage_points": 1.0}
+
+
+def _scores_of(rows, index: dict, pred) -> dict:
+    from lenpred.report import score_method
+
+    p = np.array([index[t] for t in rows["prompt_text"]])
+    j = np.array([pred.llm_names.index(m) for m in rows["llm"]])
+    scored = score_method(rows.assign(pred_mean=_arr(pred.mean)[p, j], pred_std=_arr(pred.std)[p, j],
+                                      pred_bound=_arr(pred.bound)[p, j]), "pred", bin_sizes=(500,))
+    return {"mae": scored["regression"]["mae_mean"], "tau": scored["kendall_tau_b"],
+            "acc500": 100 * scored["classification"]["500"]["accuracy_mean_bin"],
+            "coverage": 100 * scored["bound_coverage"]}
+
+
+def quality_agreement(rows, prompts: Sequence[str], reference, other) -> dict:
+    """What a scheduler sees of `other` against `reference` (`predict` outputs over `prompts`, every LLM), per LLM
+    of `rows` (⟨prompt, LLM⟩ rows with their sampled answers): MAE, τ, acc@500 and bound coverage of each, the
+    gaps, and whether every gap is within `QUALITY_BAR`."""
+    index = {}
+    for i, text in enumerate(prompts):
+        index.setdefault(text, i)
+    per_llm = {}
+    for llm, part in rows.groupby("llm", sort=False):
+        ref, got = _scores_of(part, index, reference), _scores_of(part, index, other)
+        gaps = {"mae_rel": got["mae"] / ref["mae"] - 1, "tau": got["tau"] - ref["tau"],
+                "acc500_points": got["acc500"] - ref["acc500"], "coverage_points": got["coverage"] - ref["coverage"]}
+        per_llm[llm] = {"reference": ref, "option": got, "gaps": gaps,
+                        "passes": all(abs(gaps[k]) <= QUALITY_BAR[k] for k in QUALITY_BAR)}
+    return {"per_llm": per_llm, "passes": all(v["passes"] for v in per_llm.values()),
+            "worst_gaps": {k: max((v["gaps"][k] for v in per_llm.values()), key=abs) for k in QUALITY_BAR}}
+
+
+#: The CPU option the gateway serves with by default (`--backend auto`), chosen by docs/speed.md's rule.
+SERVING_OPTION = "onnx"
+
+#: Bumped whenever `export_onnx` writes a different graph, so that files built before are rebuilt, not reused.
+GRAPH_VERSION = "ort-fused-1"
+
+
+def _fingerprint(model) -> str:
+    """What an ONNX folder was built from: the graph version and every weight of `model`."""
+    import hashlib
+
+    digest = hashlib.sha256(GRAPH_VERSION.encode())
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_option(name: str, model, tokenizer, workdir: str | Path, threads: int | None = None):
     """A predictor for CPU option `name` ("int8", "onnx", "onnx-int8") built from the fp32 `model`."""
     workdir = Path(workdir)
@@ -228,8 +295,10 @@ def build_option(name: str, model, tokenizer, workdir: str | Path, threads: int 
         return quantize_dynamic_int8(model)
     if name in ("onnx", "onnx-int8"):
         fp32_dir = workdir / "onnx"
-        if not (fp32_dir / ONNX_FILE).exists():
-            export_onnx(model, tokenizer, fp32_dir)
+        stamp, mark = _fingerprint(model), fp32_dir / "built_from.txt"
+        if not (fp32_dir / ONNX_FILE).exists() or not mark.exists() or mark.read_text() != stamp:
+            export_onnx(model, tokenizer, fp32_dir)  # none yet, or one of other weights or an older graph
+            mark.write_text(stamp)
         if name == "onnx":
             return OnnxLenPred(fp32_dir, threads=threads)
         return OnnxLenPred(quantize_onnx_int8(fp32_dir, workdir / "onnx-int8"), threads=threads)

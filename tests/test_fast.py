@@ -179,3 +179,61 @@ def test_onnx_graph_of_a_model_without_the_full_length_feature_has_no_length_inp
     assert [i.name for i in ort_model.session.get_inputs()] == ["input_ids", "attention_mask"]
     torch.testing.assert_close(ort_model.predict(PROMPTS).mean, model.predict(PROMPTS, tokenizer).mean,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(bool(_MISSING), reason=f"ONNX export needs {', '.join(_MISSING)}")
+def test_onnx_graph_is_fused_and_its_int8_keeps_the_heads_fp32(model, tokenizer, tmp_path):
+    import onnx
+
+    from lenpred.fast import quantize_onnx_int8
+
+    folder = export_onnx(model, tokenizer, tmp_path / "onnx")
+    ops = [n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node]
+    layers = model.config.encoder_config["num_hidden_layers"]
+    assert ops.count("Attention") == layers and ops.count("SkipLayerNormalization") == 2 * layers
+    assert "EmbedLayerNormalization" in ops and ops.count("BiasGelu") == layers
+    nodes = onnx.load(str(quantize_onnx_int8(folder, tmp_path / "int8") / "model.onnx")).graph.node
+    heads = [n for n in nodes if not n.name.startswith("/encoder/") and n.op_type in ("MatMul", "Gemm")]
+    assert heads and {n.op_type for n in nodes} & {"DynamicQuantizeMatMul", "MatMulInteger", "QAttention"}
+    int8 = OnnxLenPred(tmp_path / "int8", threads=1).predict(PROMPTS)
+    assert 0 < agreement(model.predict(PROMPTS, tokenizer), int8)["median_rel_mean"] < 0.05
+
+
+@pytest.mark.skipif(bool(_MISSING), reason=f"ONNX export needs {', '.join(_MISSING)}")
+def test_built_onnx_files_are_reused_only_for_the_same_weights(model, tokenizer, tmp_path):
+    from lenpred.fast import build_option
+
+    build_option("onnx", model, tokenizer, tmp_path)
+    graph = tmp_path / "onnx" / "model.onnx"
+    built = graph.stat().st_mtime_ns
+    build_option("onnx", model, tokenizer, tmp_path)
+    assert graph.stat().st_mtime_ns == built  # the same weights: reused
+    with torch.no_grad():
+        model.length_head.bias.add_(1.0)  # a retrained export: rebuilt, and it predicts as the new weights do
+    rebuilt = build_option("onnx", model, tokenizer, tmp_path)
+    assert graph.stat().st_mtime_ns != built
+    torch.testing.assert_close(rebuilt.predict(PROMPTS).mean, model.predict(PROMPTS, tokenizer).mean,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_quality_agreement_per_llm_by_hand(model, tokenizer):
+    import pandas as pd
+
+    from lenpred.fast import quality_agreement
+
+    ref = model.predict(PROMPTS, tokenizer)
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame([{"prompt_id": str(i), "prompt_text": p, "llm": m, "prompt_set": "Mbpp",
+                          "output_sizes": list(s), "output_mean": float(np.mean(s)), "output_std": float(np.std(s))}
+                         for i, p in enumerate(PROMPTS) for m in model.config.llm_names
+                         for s in [rng.integers(1, 400, size=10)]])
+    same = quality_agreement(rows, PROMPTS, ref, ref)
+    assert same["passes"] and set(same["per_llm"]) == set(model.config.llm_names)
+    assert all(g == 0 for v in same["per_llm"].values() for g in v["gaps"].values())
+    scaled = type(ref)(ref.llm_names, ref.mean * 1.3, ref.std, ref.bound * 1.3, ref.bin_probs, ref.bin_edges,
+                       ref.reservation_quantile, ref.bound_calibrated)
+    moved = quality_agreement(rows, PROMPTS, ref, scaled)
+    assert not moved["passes"]
+    one = next(iter(moved["per_llm"].values()))
+    assert one["gaps"]["mae_rel"] == pytest.approx(one["option"]["mae"] / one["reference"]["mae"] - 1)
+    assert one["gaps"]["tau"] == pytest.approx(0.0)  # a common scale keeps the ranking

@@ -323,6 +323,21 @@ def test_onnx_backend_sets_the_same_priority(tiny_model, tokenizer, tmp_path, up
         Gateway.from_export(export, config, backend="fp8")
 
 
+def test_auto_backend_serves_the_cpu_serving_path_unless_learning(tiny_model, tokenizer, tmp_path, upstream):
+    pytest.importorskip("onnxruntime")
+    from lenpred.fast import SERVING_OPTION
+    from lenpred.hub import export_model
+
+    export = export_model(tiny_model, tokenizer, tmp_path / "m")
+    with Gateway.from_export(export, GatewayConfig(upstream=upstream.url, port=0), backend="auto") as gw:
+        assert (export / "fast" / "onnx" / "model.onnx").exists()  # built beside the export, without a step
+        assert post(gw.url, chat("Hi")).status_code == 200 and upstream.received[-1]["priority"] < 1000
+    assert SERVING_OPTION in ("onnx", "onnx-int8")
+    learning = GatewayConfig(upstream=upstream.url, port=0, learn=True, log_path=str(tmp_path / "l.jsonl"))
+    with Gateway.from_export(export, learning, backend="auto") as gw:  # refits need the torch model
+        assert gw.learner is not None
+
+
 def test_microbatcher_batches_what_queued_meanwhile(tiny_model, tokenizer):
     from lenpred.inference import MicroBatcher
 

@@ -98,10 +98,20 @@ class Gateway:
                     workdir: str | None = None, threads: int | None = None) -> "Gateway":
         """`backend`: "torch" (the model's fp32 fast path) or a `lenpred.fast` CPU option ("onnx", "int8", ...)
         built once from the export (ONNX files go to `workdir`, default `<export>/fast`; reused when there),
-        running on `threads` CPU threads (default: the runtime's)."""
+        running on `threads` CPU threads (default: the runtime's). "auto": the CPU serving path
+        (`lenpred.fast.SERVING_OPTION`) where ONNX Runtime is installed and the model predicts on the CPU without
+        learning, else "torch"."""
         from pathlib import Path
 
         from lenpred.hub import load_export
+
+        if backend == "auto":
+            from lenpred.fast import SERVING_OPTION, onnxruntime_available
+
+            on_cpu = device is None or str(device).startswith("cpu")
+            backend = (SERVING_OPTION if config.predict and not config.learn and on_cpu and onnxruntime_available()
+                       else "torch")
+            logger.info("backend: %s", backend)
 
         if config.learn and backend != "torch":
             raise ValueError(f"--learn refits the model while it serves, which the {backend!r} backend's built files "
