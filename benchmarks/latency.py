@@ -125,10 +125,6 @@ def pick_prompt(prompts: list[str], tokenizer, target: int = 100) -> tuple[str, 
     return prompts[i], lengths[i]
 
 
-#: docs/speed.md's int8 candidates beyond `onnx-int8` (`quantize_onnx_int8` options), for `--options`.
-CANDIDATES = {"onnx-int8-rr": {"reduce_range": True}, "onnx-int8-ffn32": {"fp32_ffn_output": True}}
-
-
 # -- measurements -------------------------------------------------------------------------------------------------
 def latency(fn, reps: int, warmup: int = 5) -> dict:
     for _ in range(warmup):
@@ -275,14 +271,7 @@ def main(argv=None) -> dict:
             continue
         t = time.perf_counter()
         try:
-            if name in CANDIDATES:  # docs/speed.md's other int8 candidates, built from the fused fp32 graph
-                from lenpred.fast import OnnxLenPred, quantize_onnx_int8
-
-                build_option("onnx", model, tokenizer, workdir)
-                variants[name] = (OnnxLenPred(quantize_onnx_int8(workdir / "onnx", workdir / name, **CANDIDATES[name]),
-                                              threads=torch.get_num_threads()), {})
-            else:
-                variants[name] = (build_option(name, model, tokenizer, workdir, threads=torch.get_num_threads()), {})
+            variants[name] = (build_option(name, model, tokenizer, workdir, threads=torch.get_num_threads()), {})
         except Exception as err:  # one failing option must not sink the benchmark
             print(f"[skip] {name}: {type(err).__name__}: {err}")
             continue
@@ -294,7 +283,7 @@ def main(argv=None) -> dict:
         result["latency"][name] = lat
         print(f"  {name:<14} p50 {lat['p50_ms']:8.2f} ms   p99 {lat['p99_ms']:8.2f} ms")
 
-    print(f"\nthroughput over {len(prompts)} test prompts (all {n_llms} LLMs each):")
+    print(f"\nthroughput over {len(prompts)} {args.split} prompts (all {n_llms} LLMs each):")
     nv, naive_out = naive(model, tokenizer, rows, max_length, 32, budget, args.device, len(prompts))
     result["throughput"]["naive"] = nv
     note = (f"  (rate over {nv['rows_done']}/{nv['rows_total']} rows in {nv['seconds']} s)" if nv["extrapolated"]

@@ -133,8 +133,7 @@ def export_onnx(model, tokenizer, path: str | Path, opset: int = 17) -> Path:
     return out
 
 
-def quantize_onnx_int8(src: str | Path, dst: str | Path, reduce_range: bool = False,
-                       fp32_ffn_output: bool = False) -> Path:
+def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8 quantisation of an `export_onnx` folder's encoder into `dst` (config and tokenizer copied
     along): weights int8 per output channel, activations quantised per batch at run time. The heads (12 rows per
     prompt: no time worth saving) stay fp32. Returns `dst`."""
@@ -152,11 +151,8 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path, reduce_range: bool = Fa
             shutil.copy2(f, dst / f.name)
     nodes = onnx.load(str(src / ONNX_FILE), load_external_data=False).graph.node
     keep = [n.name for n in nodes if n.op_type in ("MatMul", "Gemm") and not n.name.startswith("/encoder/")]
-    if fp32_ffn_output:
-        keep += [n.name for n in nodes if n.op_type == "MatMul" and n.name.endswith("/output/dense/MatMul")
-                 and "/attention/" not in n.name]
     quantize_dynamic(str(src / ONNX_FILE), str(dst / ONNX_FILE), weight_type=QuantType.QInt8, per_channel=True,
-                     reduce_range=reduce_range, nodes_to_exclude=keep,
+                     nodes_to_exclude=keep,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # the fused ops' outputs
     return dst
 
