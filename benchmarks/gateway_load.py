@@ -219,7 +219,8 @@ def _model(args, workdir: Path):
     if args.backend != "torch":
         from lenpred.fast import build_option
 
-        predictor = build_option(args.backend, model, tokenizer, workdir / "fast", threads=args.threads)
+        predictor = build_option(args.backend, model, tokenizer, workdir / "fast", threads=args.threads,
+                                 spin=False)  # as the gateway builds it
     return str(export), predictor, tokenizer, list(model.config.llm_names)
 
 

@@ -59,10 +59,13 @@ def main(argv=None) -> dict:
     llm = model.config.llm_names[0]
     result = {"model": args.model, "prompt_tokens": tokens, "n": args.n, "backends": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, option, threads in (("torch fp32, 2 threads", "torch", 2), ("onnx, 2 threads", "onnx", 2),
-                                      ("onnx, 1 thread", "onnx", 1), ("onnx-int8, 2 threads", "onnx-int8", 2)):
+        for name, option, threads, spin in (("torch fp32, 2 threads", "torch", 2, True),
+                                            ("onnx, 2 threads, spinning", "onnx", 2, True),
+                                            ("onnx, 2 threads, no spinning (the gateway's)", "onnx", 2, False),
+                                            ("onnx, 1 thread", "onnx", 1, True)):
             torch.set_num_threads(threads)
-            predictor = model if option == "torch" else build_option(option, model, tokenizer, tmp, threads=threads)
+            predictor = model if option == "torch" else build_option(option, model, tokenizer, tmp, threads=threads,
+                                                                     spin=spin)
             result["backends"][name] = timings(predictor, tokenizer, prompt, llm, gaps, args.n)
             print(name, result["backends"][name], flush=True)
     header = "| backend | " + " | ".join(["back to back", *(f"after {g:g} s idle" for g in gaps)]) + " |"

@@ -121,7 +121,8 @@ class Gateway:
         if backend != "torch" and config.predict:
             from lenpred.fast import build_option
 
-            predictor = build_option(backend, model, tokenizer, workdir or Path(path) / "fast", threads=threads)
+            predictor = build_option(backend, model, tokenizer, workdir or Path(path) / "fast", threads=threads,
+                                     spin=False)  # the event loop and the engine's traffic share these cores
         learnt = None
         if config.learn and config.learn_dir and (Path(config.learn_dir) / "config.json").exists():
             learnt = load_export(config.learn_dir, device=device)[0]  # what the gateway served when it stopped
