@@ -201,7 +201,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="short run: 128 prompts, 20 latency reps, 10 s naive")
     parser.add_argument("--reps", type=int, help="batch-1 latency repetitions (default 100; quick 20)")
     parser.add_argument("--batch-size", type=int, help="fast-path batch size (default 16 on cpu — the fused ONNX "
-                        "graph's best of 4-128 on 2 cores, reports/benchmarks/latency-batch16.txt — 256 on cuda)")
+                        "graph's best on 2 cores, reports/benchmarks/latency-batch-sweep.txt — 256 on cuda)")
+    parser.add_argument("--batch-sweep", help="also the throughput of every variant at these batch sizes "
+                        "(comma-separated), after the main figures")
     parser.add_argument("--naive-seconds", type=float, default=60.0,
                         help="time budget of the naive path; its rate is measured over the rows it covered")
     parser.add_argument("--naive-full", action="store_true", help="run the naive path over every test row")
@@ -297,6 +299,13 @@ def main(argv=None) -> dict:
         result["throughput"][name] = tp
         print(f"  {name:<14} {tp['prompts_per_s']:9.2f} prompts/s   {tp['over_naive']:6.2f}× naive   "
               f"({tp['seconds']} s)")
+    if args.batch_sweep:
+        sizes = [int(b) for b in args.batch_sweep.split(",")]
+        print(f"  batch sweep, prompts/s at batch {' / '.join(map(str, sizes))}:")
+        for name, (pred, kw) in variants.items():
+            got = [throughput(pred, prompts, tokenizer, b, **kw)[0]["prompts_per_s"] for b in sizes]
+            result.setdefault("batch_sweep", {})[name] = dict(zip(map(str, sizes), got))
+            print(f"    {name:<14} " + " / ".join(f"{g:.1f}" for g in got))
     result["fast_over_naive"] = result["throughput"]["fp32"]["over_naive"]
     print(f"  fast (fp32) / naive = {result['fast_over_naive']:.2f}×")
 
