@@ -200,8 +200,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, help="torch (and ONNX Runtime) intra-op threads")
     parser.add_argument("--quick", action="store_true", help="short run: 128 prompts, 20 latency reps, 10 s naive")
     parser.add_argument("--reps", type=int, help="batch-1 latency repetitions (default 100; quick 20)")
-    parser.add_argument("--batch-size", type=int, help="fast-path batch size (default 16 on cpu — the fused ONNX "
-                        "graph's best on 2 cores, reports/benchmarks/latency-batch-sweep.txt — 256 on cuda)")
+    parser.add_argument("--batch-size", type=int, help="fast-path batch size (default 8 on cpu — the ONNX path's "
+                        "own default, reports/benchmarks/latency-batch-sweep.txt — 256 on cuda)")
     parser.add_argument("--batch-sweep", help="also the throughput of every variant at these batch sizes "
                         "(comma-separated), after the main figures")
     parser.add_argument("--naive-seconds", type=float, default=60.0,
@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
     max_length = model.config.max_length
     n_llms = model.config.num_llms
     reps = args.reps or (20 if args.quick else 100)
-    batch_size = args.batch_size or (256 if args.device == "cuda" else 16)
+    batch_size = args.batch_size or (256 if args.device == "cuda" else 8)
     if args.quick:
         prompts = prompts[:128]
         rows = rows[rows["prompt_text"].isin(set(prompts))].reset_index(drop=True)

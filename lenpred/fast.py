@@ -192,7 +192,7 @@ class OnnxLenPred:
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": mask, "prompt_length": full}
         return self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})
 
-    def predict(self, prompts, tokenizer=None, llms=None, batch_size: int = 16, max_length: int | None = None,
+    def predict(self, prompts, tokenizer=None, llms=None, batch_size: int = 8, max_length: int | None = None,
                 autocast_dtype=None, progress: bool = False) -> LenPredPrediction:
         """As `LenPredModel.predict`: length-sorted batches, dynamic padding, one pass per prompt for all LLMs."""
         def run_batch(input_ids, attention_mask, prompt_length, llm_ids):
