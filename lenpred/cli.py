@@ -102,7 +102,8 @@ def add_gateway_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = ap.add_argument_group("online learning", "refit each LLM from its own answers while serving (needs --log)")
     g.add_argument("--learn", action="store_true",
                    help="learn every LLM in the traffic, new to the model or known, from its logged answers: a "
-                        "background thread refits that LLM's own parameters (the others stay bitwise as they were) "
+                        "background worker (a process when --model is an export folder) refits that LLM's own "
+                        "parameters (the others stay bitwise as they were) "
                         "and swaps them in between prediction batches; GET /llms and /metrics show the refits and "
                         "prequential MAE / Kendall tau / bound coverage")
     g.add_argument("--learn-every", type=int, default=d.learn_every, help="new answers of an LLM between its refits")

@@ -262,6 +262,13 @@ def quality_agreement(rows, prompts: Sequence[str], reference, other) -> dict:
     index = {}
     for i, text in enumerate(prompts):
         index.setdefault(text, i)
+    for pred in (reference, other):
+        unknown = sorted(set(rows["llm"]) - set(pred.llm_names))
+        if unknown:
+            raise ValueError(f"rows name LLMs the predictions do not cover: {unknown}; they cover {pred.llm_names}")
+    missing = int((~rows["prompt_text"].isin(index)).sum())
+    if missing:
+        raise ValueError(f"{missing} row(s) hold prompts that are not among the {len(index)} predicted prompts")
     per_llm = {}
     for llm, part in rows.groupby("llm", sort=False):
         ref, got = _scores_of(part, index, reference), _scores_of(part, index, other)

@@ -237,3 +237,7 @@ def test_quality_agreement_per_llm_by_hand(model, tokenizer):
     one = next(iter(moved["per_llm"].values()))
     assert one["gaps"]["mae_rel"] == pytest.approx(one["option"]["mae"] / one["reference"]["mae"] - 1)
     assert one["gaps"]["tau"] == pytest.approx(0.0)  # a common scale keeps the ranking
+    with pytest.raises(ValueError, match="LLMs the predictions do not cover: \\['acme/unknown'\\]"):
+        quality_agreement(rows.assign(llm="acme/unknown"), PROMPTS, ref, ref)
+    with pytest.raises(ValueError, match="1 row\\(s\\) hold prompts that are not among the 7 predicted prompts"):
+        quality_agreement(rows.iloc[:1].assign(prompt_text="never predicted"), PROMPTS, ref, ref)
