@@ -133,23 +133,14 @@ class LenPredModel(LenPredPreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        n_tokens = (prompt_length if prompt_length is not None and self.config.full_prompt_length
-                    else attention_mask.sum(-1))
-        return self.prompt_vector(self.pool(input_ids, attention_mask, token_type_ids), n_tokens)
-
-    def pool(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """The encoder's mean-pooled token states (batch, hidden): all of `encode` that is the encoder's."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-    def prompt_vector(self, pooled, n_tokens) -> torch.Tensor:
-        """The head side of `encode`: the reduced pooled states, with the prompt-length feature (of `n_tokens`,
-        each prompt's length in tokens, (batch,)) appended."""
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         vector = self.reduce(pooled)
         if self.config.use_prompt_length:
-            n_tokens = n_tokens.reshape(-1, 1).to(vector.dtype)
+            n_tokens = (prompt_length if prompt_length is not None and self.config.full_prompt_length
+                        else attention_mask.sum(-1)).reshape(-1, 1).to(vector.dtype)
             vector = torch.cat([vector, torch.log1p(n_tokens) / LENGTH_FEATURE_SCALE], dim=-1)
         return vector
 

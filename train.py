@@ -29,7 +29,6 @@ from lenpred.adaptation import ADAPT_MODES, adapt, choose_siblings
 from lenpred.calibration import QUANTILES, fit_bound_offsets
 from lenpred.data import PAPER_LLMS, default_dataset_source, load_castillo, make_splits
 from lenpred.examples import group_by_prompt, label_weights
-from lenpred.head_warmup import warm_up_heads
 from lenpred.hub import default_encoder_path, export_model, load_export, weights_sha256
 from lenpred.metrics import length_prediction_scores
 from modeling_lenpred import LenPredModel
@@ -71,10 +70,6 @@ class ModelArguments:
     reservation_quantile: float = field(default=0.9, metadata={
         "help": "quantile of one answer's length the bound reserves; calibrated on the dev split at the end"})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the heads (encoder: --learning_rate)"})
-    head_warmup_epochs: float = field(default=5.0, metadata={
-        "help": "before fine-tuning a fresh model, fit its heads for this many epochs on the frozen encoder's pooled "
-                "states, encoded once (about a minute): fine-tuning then starts from fitted heads instead of random "
-                "ones, whose errors would otherwise reshape the encoder's features first. 0: no warm-up"})
     keep_best: bool = field(default=True, metadata={
         "help": "export the checkpoint with the lowest dev MAE of the mean (when eval and save strategies match)"})
 
@@ -278,9 +273,6 @@ def main(argv=None) -> dict:
         targs.load_best_model_at_end, targs.metric_for_best_model, targs.greater_is_better = True, "mean_mae", False
     targs.label_names = ["labels_mean", "labels_std"]
 
-    if margs.head_warmup_epochs > 0 and not margs.init_from:
-        warm_up_heads(model, train_ds, DataCollatorWithPadding(tokenizer), margs.head_warmup_epochs,
-                      margs.head_learning_rate, targs.seed)
     trainer = LenPredTrainer(
         model=model, args=targs, train_dataset=train_ds, eval_dataset=dev_ds, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics(model.config),

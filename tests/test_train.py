@@ -31,9 +31,8 @@ def ok(result):
 
 
 def test_train_exports_a_loadable_model_with_metrics(tiny_encoder, castillo_dir, tmp_path):
-    result = ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir",
-                       "export", "--num_train_epochs", "2"], tmp_path))
-    assert "head warm-up: " in result.stderr  # the heads are fitted on the frozen encoder first, by default
+    ok(train(["--encoder", tiny_encoder, "--dataset", castillo_dir, "--output_dir", "run", "--export_dir", "export",
+              "--num_train_epochs", "2"], tmp_path))
     export = tmp_path / "export"
     for name in ("model.safetensors", "config.json", "trainer_state.json", "dev_metrics.json", "test_metrics.json",
                  "training_info.json", "modeling_lenpred.py"):
