@@ -49,6 +49,8 @@ def test_mean_std_each_seed_and_the_bar(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("not json", "is not a score_export.py --json file"),
     (json.dumps({"export": {"test": {}}}), "is not a score_export.py --json file"),
+    (json.dumps({"export": {part: {llm: {"mae": 100.0, "acc500": 0.8} for llm in seed_spread.LLAMAS}  # no τ
+                            for part in seed_spread.PARTS}}), "KeyError: 'tau'"),
 ])
 def test_wrong_files_are_clear_errors(tmp_path, content, message):
     bad = tmp_path / "bad.json"
