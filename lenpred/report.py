@@ -86,15 +86,6 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
         return None
     rows = rows[_finite(rows[col])]
     true, pred = rows["output_mean"].to_numpy(float), rows[col].to_numpy(float)
-    out: dict = {"n": int(len(rows)), "classification": {}}
-    for size in bin_sizes:
-        use_head = size == head_bin_size and f"{method}_bin" in rows
-        of_mean = classification_scores(true, bin_index(np.clip(pred, 0, None), make_bin_edges(size, max_tokens)),
-                                        size, max_tokens)
-        scores = classification_scores(true, rows[f"{method}_bin"].to_numpy(int), size, max_tokens) if use_head \
-            else of_mean
-        out["classification"][str(size)] = {  # the quality targets define acc@500 by the bin of the predicted mean
-            **scores, "source": "bin head" if use_head else "predicted mean", "accuracy_mean_bin": of_mean["accuracy"]}
     std = rows[f"{method}_std"].to_numpy(float) if f"{method}_std" in rows else None
     bound = rows[f"{method}_bound"].to_numpy(float) if f"{method}_bound" in rows else None
     sizes = rows["output_sizes"].tolist()
@@ -103,6 +94,15 @@ def score_method(rows: pd.DataFrame, method: str, head_bin_size: int | None = No
         predicted_std=std if std is not None and _finite(std).any() else None, predicted_bound=bound,
         groups=list(zip(rows["llm"], rows["prompt_set"])), bin_size=bin_sizes[0] if bin_sizes else 500,
         max_tokens=max_tokens)
+    out: dict = {"n": int(len(rows)), "classification": {}}
+    for size in bin_sizes:
+        use_head = size == head_bin_size and f"{method}_bin" in rows
+        of_mean = {k: core[k] for k in ("accuracy", "f1")} if size == bin_sizes[0] else classification_scores(
+            true, bin_index(np.clip(pred, 0, None), make_bin_edges(size, max_tokens)), size, max_tokens)
+        scores = classification_scores(true, rows[f"{method}_bin"].to_numpy(int), size, max_tokens) if use_head \
+            else of_mean
+        out["classification"][str(size)] = {  # the quality targets define acc@500 by the bin of the predicted mean
+            **scores, "source": "bin head" if use_head else "predicted mean", "accuracy_mean_bin": of_mean["accuracy"]}
     out["regression"] = {k: core[k] for k in ("mse_mean", "mae_mean", "mse_std", "mae_std")}
     out.update(ranking_scores(rows, pred, overall=core["kendall_tau_b"]))
     out["mae_by_prompt_set"] = per_group_mae(true, pred, rows["prompt_set"].tolist())
