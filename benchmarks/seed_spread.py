@@ -72,6 +72,14 @@ def check_bar(seeds: dict) -> list[dict]:
     return rows
 
 
+def _got(fmt: str, got: float, bound: float, met: bool) -> str:
+    """A figure as the table prints it, one digit longer where a miss would otherwise print as the bound."""
+    text = fmt.format(got)
+    if not met and text == fmt.format(bound):
+        text = f"{got:.{int(fmt[-3]) + 1}f}"  # fmt is "{:.Nf}"
+    return text
+
+
 def render(seeds: dict, bar: list[dict], command: str) -> str:
     names = list(seeds)
     lines = [f"# The recipe over {len(names)} training seeds", "",
@@ -95,7 +103,7 @@ def render(seeds: dict, bar: list[dict], command: str) -> str:
         fmt = METRICS[row["metric"]][2]
         lines.append(f"| {row['part']} | {METRICS[row['metric']][0]} | {'mean of seeds' if row['over'] == 'mean' else 'every seed (worst)'} "
                      f"| {row['side']} {' / '.join(fmt.format(b) for b in row['bound'])} "
-                     f"| {' / '.join(fmt.format(g) for g in row['got'])} "
+                     f"| {' / '.join(_got(fmt, g, b, m) for g, b, m in zip(row['got'], row['bound'], row['met']))} "
                      f"| {' / '.join('yes' if m else '**no**' for m in row['met'])} |")
     return "\n".join(lines) + "\n"
 

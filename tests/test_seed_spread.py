@@ -46,6 +46,17 @@ def test_mean_std_each_seed_and_the_bar(tmp_path):
     assert np.allclose(saved["figures"]["test"]["acc500"], [[80] * 3, [78] * 3])
 
 
+def test_a_miss_never_prints_as_the_bound(tmp_path):
+    # acc@500 mean 76.96 % against >= 77: one digit more, so the table does not read "77.0 ... no"
+    files = [scores_file(tmp_path / "seed42.json", 116, 0.47, 0.7696, 160),
+             scores_file(tmp_path / "seed1.json", 116, 0.47, 0.7696, 160)]
+    out = tmp_path / "spread.md"
+    result = seed_spread.main([*files, "--out", str(out)])
+    bar = {(r["part"], r["metric"], r["over"]): r for r in result["bar"]}
+    assert bar["test", "acc500", "mean"]["met"] == [False, False, True]
+    assert "| >= 77.0 / 80.0 / 76.0 | 76.96 / 77.0 / 77.0 | **no** / **no** / yes |" in out.read_text()
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json", "is not a score_export.py --json file"),
     (json.dumps({"export": {"test": {}}}), "is not a score_export.py --json file"),
