@@ -28,11 +28,14 @@ from lenpred.report import score_method  # noqa: E402
 
 
 def dev_scores(pred) -> dict:
-    """The report's own scores (`score_method`, bins of the predicted mean) for all LLMs, and per Llama."""
+    """The report's own scores (`score_method`, bins of the predicted mean) for all LLMs, and per Llama; `bias` is the
+    mean signed error of the predicted mean (tokens)."""
     out = {}
     for llm in ["all"] + sorted(name for name in pred["llm"].unique() if "Llama" in name):
-        scores = score_method(pred if llm == "all" else pred[pred["llm"] == llm], "pred", bin_sizes=(500,))
+        part = pred if llm == "all" else pred[pred["llm"] == llm]
+        scores = score_method(part, "pred", bin_sizes=(500,))
         out[llm] = {"rows": scores["n"], "mae": scores["regression"]["mae_mean"],
+                    "bias": float((part["pred_mean"] - part["output_mean"]).mean()),  # > 0: predicts too long
                     "acc500": scores["classification"]["500"]["accuracy"], "tau": scores["kendall_tau_b"],
                     "tau_by_prompt_set": scores["tau_by_prompt_set"]}
     return out

@@ -79,3 +79,19 @@ def test_one_seed_or_two_files_of_one_name_are_refused(tmp_path):
         seed_spread.main([one])
     with pytest.raises(SystemExit, match="two files are named 'seed1'"):
         seed_spread.main([one, twin])
+
+
+def test_dev_scores_give_the_signed_error_per_llama():
+    """score_export.py's and probe_recipe.py's scores: `bias` is the mean of predicted − true mean, per Llama."""
+    import pandas as pd
+    from probe_recipe import dev_scores
+    llm = seed_spread.LLAMAS[0]
+    sizes = [[10] * 10, [100] * 10, [400] * 10, [40] * 10]
+    pred = pd.DataFrame({"llm": [llm, llm, "other/LLM", "other/LLM"], "prompt_set": ["Mbpp"] * 4,
+                         "output_sizes": sizes, "output_mean": [10.0, 100.0, 400.0, 40.0],
+                         "output_std": [0.0] * 4, "pred_mean": [30.0, 90.0, 300.0, 40.0]})
+    scores = dev_scores(pred)
+    assert scores[llm]["bias"] == pytest.approx(5.0)  # (+20 − 10) / 2
+    assert scores[llm]["mae"] == pytest.approx(15.0)
+    assert scores["all"]["bias"] == pytest.approx((20 - 10 - 100 + 0) / 4)
+    assert set(scores) == {"all", llm}
