@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,8 +35,9 @@ def dev_scores(pred) -> dict:
     for llm in ["all"] + sorted(name for name in pred["llm"].unique() if "Llama" in name):
         part = pred if llm == "all" else pred[pred["llm"] == llm]
         scores = score_method(part, "pred", bin_sizes=(500,))
+        error = (part["pred_mean"] - part["output_mean"]).to_numpy(float)  # on the rows score_method scores
         out[llm] = {"rows": scores["n"], "mae": scores["regression"]["mae_mean"],
-                    "bias": float((part["pred_mean"] - part["output_mean"]).mean()),  # > 0: predicts too long
+                    "bias": float(error[np.isfinite(error)].mean()),  # > 0: predicts too long
                     "acc500": scores["classification"]["500"]["accuracy"], "tau": scores["kendall_tau_b"],
                     "tau_by_prompt_set": scores["tau_by_prompt_set"]}
     return out

@@ -1,4 +1,5 @@
-"""benchmarks/seed_spread.py: mean ± std over training seeds, the bar check, and clear errors for wrong files."""
+"""benchmarks/seed_spread.py: mean ± std over training seeds, the bar check, and clear errors for wrong files; and
+the per-Llama scores its files hold (`probe_recipe.dev_scores`, through score_export.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_mean_std_each_seed_and_the_bar(tmp_path):
 
 
 def test_a_miss_never_prints_as_the_bound(tmp_path):
-    # acc@500 mean 76.96 % against >= 77: one digit more, so the table does not read "77.0 ... no"
+    """acc@500 mean 76.96 % against >= 77 prints one digit longer, so the table does not read "77.0 ... no"."""
     files = [scores_file(tmp_path / "seed42.json", 116, 0.47, 0.7696, 160),
              scores_file(tmp_path / "seed1.json", 116, 0.47, 0.7696, 160)]
     out = tmp_path / "spread.md"
@@ -90,6 +91,8 @@ def test_dev_scores_give_the_signed_error_per_llama():
     pred = pd.DataFrame({"llm": [llm, llm, "other/LLM", "other/LLM"], "prompt_set": ["Mbpp"] * 4,
                          "output_sizes": sizes, "output_mean": [10.0, 100.0, 400.0, 40.0],
                          "output_std": [0.0] * 4, "pred_mean": [30.0, 90.0, 300.0, 40.0]})
+    with_inf = pd.concat([pred, pred.iloc[:1].assign(pred_mean=np.inf)], ignore_index=True)
+    assert dev_scores(with_inf)[llm]["bias"] == pytest.approx(5.0)  # scored on the rows score_method keeps
     scores = dev_scores(pred)
     assert scores[llm]["bias"] == pytest.approx(5.0)  # (+20 − 10) / 2
     assert scores[llm]["mae"] == pytest.approx(15.0)
