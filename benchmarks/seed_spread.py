@@ -23,8 +23,8 @@ from lenpred.data import HELD_OUT_PROMPT_SET, PAPER_LLMS  # noqa: E402
 
 LLAMAS = PAPER_LLMS  # 1B, 3B, 8B: the order of every "1B / 3B / 8B" below
 PARTS = {"test": "test split, six training prompt sets", HELD_OUT_PROMPT_SET: f"{HELD_OUT_PROMPT_SET}, never trained on"}
-METRICS = {"mae": ("MAE (mean)", 1.0, "{:.1f}"), "acc500": ("acc@500, bin of the mean (%)", 100.0, "{:.1f}"),
-           "tau": ("τ within prompt set", 1.0, "{:.3f}")}
+METRICS = {"mae": ("MAE (mean)", 1.0, 1), "acc500": ("acc@500, bin of the mean (%)", 100.0, 1),
+           "tau": ("τ within prompt set", 1.0, 3)}  # label, scale to the table's units, decimals printed
 # What a recipe must reach, per Llama 1B / 3B / 8B: (part, metric, "mean" of the seeds | "every" seed, bound, side).
 # The Alpaca MAE is the paper's (Tables 3 and 5); the in-distribution figures are the level the shipped recipe
 # reached once, asked of its mean over seeds.
@@ -72,12 +72,11 @@ def check_bar(seeds: dict) -> list[dict]:
     return rows
 
 
-def _got(fmt: str, got: float, bound: float, met: bool) -> str:
+def _got(digits: int, got: float, bound: float, met: bool) -> str:
     """A figure as the table prints it, one digit longer where a miss would otherwise print as the bound."""
-    text = fmt.format(got)
-    if not met and text == fmt.format(bound):
-        text = f"{got:.{int(fmt[-3]) + 1}f}"  # fmt is "{:.Nf}"
-    return text
+    if not met and f"{got:.{digits}f}" == f"{bound:.{digits}f}":
+        digits += 1
+    return f"{got:.{digits}f}"
 
 
 def render(seeds: dict, bar: list[dict], command: str) -> str:
@@ -89,21 +88,21 @@ def render(seeds: dict, bar: list[dict], command: str) -> str:
         lines += [f"## {title}", "", "| | " + " | ".join(label for label, _, _ in METRICS.values()) + " |",
                   "| --- |" + " --- |" * len(METRICS)]
         cells = {"mean ± std": [], **{name: [] for name in names}}
-        for metric, (_, _, fmt) in METRICS.items():
+        for metric, (_, _, d) in METRICS.items():
             v = values(seeds, part, metric)
             cells["mean ± std"].append(" / ".join(
-                f"{fmt.format(m)} ± {fmt.format(s)}" for m, s in zip(v.mean(0), v.std(0, ddof=1))))
+                f"{m:.{d}f} ± {s:.{d}f}" for m, s in zip(v.mean(0), v.std(0, ddof=1))))
             for name, row in zip(names, v):
-                cells[name].append(" / ".join(fmt.format(x) for x in row))
+                cells[name].append(" / ".join(f"{x:.{d}f}" for x in row))
         lines += [f"| {'**' + k + '**' if k == 'mean ± std' else k} | " + " | ".join(c) + " |"
                   for k, c in cells.items()] + [""]
     lines += ["## Against the bar", "", "| part | figure | over | bound 1B / 3B / 8B | got | met |",
               "| --- | --- | --- | --- | --- | --- |"]
     for row in bar:
-        fmt = METRICS[row["metric"]][2]
+        d = METRICS[row["metric"]][2]
         lines.append(f"| {row['part']} | {METRICS[row['metric']][0]} | {'mean of seeds' if row['over'] == 'mean' else 'every seed (worst)'} "
-                     f"| {row['side']} {' / '.join(fmt.format(b) for b in row['bound'])} "
-                     f"| {' / '.join(_got(fmt, g, b, m) for g, b, m in zip(row['got'], row['bound'], row['met']))} "
+                     f"| {row['side']} {' / '.join(f'{b:.{d}f}' for b in row['bound'])} "
+                     f"| {' / '.join(_got(d, g, b, m) for g, b, m in zip(row['got'], row['bound'], row['met']))} "
                      f"| {' / '.join('yes' if m else '**no**' for m in row['met'])} |")
     return "\n".join(lines) + "\n"
 
